@@ -1,0 +1,81 @@
+"""Argument normalisation shared by the convolution ops (cond_conv2d, gated_conv2d)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+
+IntOrPair = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int], str]
+
+
+def pair(value: IntOrPair, name: str) -> list[int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, torch.SymInt):
+        return [value, value]
+    try:
+        values = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    if len(values) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow SAME padding of one dimension: output = ceil(size / stride), the odd pixel at the end."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def normalize_conv_args(
+    op: str,
+    input_hw: Sequence[int],
+    kernel_hw: Sequence[int],
+    stride: IntOrPair,
+    padding: Padding,
+    dilation: IntOrPair,
+) -> tuple[list[int], list[int], list[int]]:
+    """Returns ``stride (2), padding (h_begin, h_end, w_begin, w_end), dilation (2)`` for the kernels."""
+    stride2 = pair(stride, f"{op}: stride")
+    dilation2 = pair(dilation, f"{op}: dilation")
+    if any(s <= 0 for s in stride2):
+        raise ValueError(f"{op}: stride must be positive, got {stride!r}")
+    if any(d <= 0 for d in dilation2):
+        raise ValueError(f"{op}: dilation must be positive, got {dilation!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad4 = [0, 0, 0, 0]
+        elif padding == "same":
+            pad4 = [
+                *same_padding(input_hw[0], kernel_hw[0], stride2[0], dilation2[0]),
+                *same_padding(input_hw[1], kernel_hw[1], stride2[1], dilation2[1]),
+            ]
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    else:
+        ph, pw = pair(padding, f"{op}: padding")
+        if ph < 0 or pw < 0:
+            raise ValueError(f"{op}: padding must be non-negative, got {padding!r}")
+        pad4 = [ph, ph, pw, pw]
+    return stride2, pad4, dilation2
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int) -> int:
+    """Mirror of ``conv_out_size`` in csrc/common/conv_geometry.h."""
+    span = dilation * (kernel - 1) + 1
+    padded = size + pad_begin + pad_end
+    return 0 if padded < span else (padded - span) // stride + 1
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels write their output in: channels_last in, channels_last out."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
