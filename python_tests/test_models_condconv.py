@@ -317,7 +317,8 @@ def test_torch_compile_inductor(small_cc_mobilenet_v1):
 def test_torch_export(small_cc_mobilenet_v1):
     model, x = small_cc_mobilenet_v1
     program = torch.export.export(model, (x,))
-    ops = [n for n in program.graph.nodes if n.op == "call_function" and n.target is torch.ops.condkernels.cond_conv2d.default]
+    cond_conv = torch.ops.condkernels.cond_conv2d.default
+    ops = [n for n in program.graph.nodes if n.op == "call_function" and n.target is cond_conv]
     assert len(ops) == 8 * 2 + 1
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x))
