@@ -3,11 +3,16 @@
 Ops (also reachable as ``torch.ops.condkernels.<name>``):
 
 - :func:`cond_conv2d` -- CondConv: per-example mixing of expert kernels fused with the convolution.
+
+Modules in :mod:`condkernels.nn`, the papers' networks in :mod:`condkernels.models`, parameter and
+multiply-add counting in :mod:`condkernels.utils`, and :func:`optimize_for_inference`.
 """
 
 from . import _library
 from ._library import cuda_built
 from .ops import cond_conv2d
+from . import nn, models, utils  # noqa: E402  (after the ops: the modules call them)
+from .inference import optimize_for_inference
 
-__all__ = ["cond_conv2d", "cuda_built"]
+__all__ = ["cond_conv2d", "cuda_built", "models", "nn", "optimize_for_inference", "utils"]
 __version__ = "0.1.0"
