@@ -731,7 +731,7 @@ void launch_grad_weight(const ConvGeometry& g, Path path, bool nhwc, const at::T
     // dW_b is C * k * k numbers per example: keep them and reduce over the batch with two GEMMs.
     const int ct = depthwise_channels_per_block<acc_t>(g, nhwc);
     const int64_t taps = g.kernel_h * g.kernel_w;
-    auto per_example = at::zeros({g.batch, g.in_channels * taps}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor per_example = at::zeros({g.batch, g.in_channels * taps}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const int64_t channel_tiles = ceil_div(g.in_channels, ct);
     const int64_t slices = std::clamp<int64_t>(ceil_div(target_blocks, channel_tiles * g.batch), 1, ceil_div(pixels, 1024));
     const int64_t per_slice = ceil_div(pixels, slices);
