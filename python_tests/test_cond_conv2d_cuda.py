@@ -39,14 +39,14 @@ def test_cuda_kernels_registered_iff_built_with_cuda():
     assert cuda_lines and "cuda/cond_conv2d.cu" in cuda_lines[0], dump
 
 
-def test_conv_index_helpers_on_the_host():
+def test_conv_index_helpers_on_the_host(tmp_path):
     """The index arithmetic the CUDA kernels use (csrc/common/conv_index.h), compiled for the host
     and checked exhaustively against the direct definition of the convolution."""
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     src = ROOT / "python_tests" / "cpp" / "check_conv_index.cpp"
-    exe = pathlib.Path(torch.utils.cpp_extension._get_build_directory("condkernels_checks", False)) / "check_conv_index"
+    exe = tmp_path / "check_conv_index"
     subprocess.run([cxx, "-std=c++17", "-O1", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)], check=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -180,9 +180,11 @@ __device__ __forceinline__ void multiply_tile(const TileSmem<acc_t>& s, acc_t (&
 }
 
 // Sum over experts of r[e] * w[e * expert_stride]: one element of an example's mixed weights.
+// r == nullptr means w already holds the example's mixed weights.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t mixed_weight(const scalar_t* __restrict__ r, const scalar_t* __restrict__ w,
                                               int64_t num_experts, int64_t expert_stride) {
+  if (r == nullptr) return static_cast<acc_t>(w[0]);
   acc_t v = 0;
   for (int64_t e = 0; e < num_experts; ++e)
     v += static_cast<acc_t>(r[e]) * static_cast<acc_t>(w[e * expert_stride]);
@@ -191,21 +193,26 @@ __device__ __forceinline__ acc_t mixed_weight(const scalar_t* __restrict__ r, co
 
 // Forward: for example b and group g, Y[co, p] = sum_f Wmix[co, f] * Xcol[f, p] over the group's
 // output channels co, output pixels p and filter columns f = (ci, kh, kw).
+// Weights (and bias) are either the E experts mixed with routing row b while the tile loads, or,
+// with routing == nullptr, per-example weights mixed beforehand at weight + b * weight_example_stride.
 // Grid: x = pixel tiles, y = (group, channel tile), z = example.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) forward_igemm_kernel(
     const scalar_t* __restrict__ x, Strides4 xs, const scalar_t* __restrict__ routing,
-    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
-    Strides4 ys, ConvGeometry g, int64_t num_experts, bool nhwc, int64_t y_offset, int64_t z_offset) {
+    const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias, int64_t weight_example_stride,
+    int64_t bias_example_stride, scalar_t* __restrict__ y, Strides4 ys, ConvGeometry g, int64_t num_experts,
+    bool nhwc, int64_t y_offset, int64_t z_offset) {
   __shared__ TileSmem<acc_t> s;
   const int64_t b = blockIdx.z + z_offset;
+  weight += b * weight_example_stride;
+  if (bias) bias += b * bias_example_stride;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t columns = cin_g * g.kernel_h * g.kernel_w;  // reduction length
   const int64_t pixels = g.out_h * g.out_w;
   const int64_t expert_stride = g.out_channels * columns;
   const GroupTile gt = group_tile(blockIdx.y + y_offset, cout_g, kTileM);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-  const scalar_t* r = routing + b * num_experts;
+  const scalar_t* r = routing ? routing + b * num_experts : nullptr;
   const Lanes lanes = thread_lanes(nhwc);
 
   acc_t acc[kRegs][kRegs] = {};
@@ -258,14 +265,16 @@ __global__ void __launch_bounds__(kThreads) forward_igemm_kernel(
 // grad_x: for example b and group g, dX[ci, q] = sum_c Wmix[co, ci, kh, kw] * dY[co, src(q, kh, kw)]
 // over input pixels q and columns c = (co, kh, kw) -- the transposed convolution; taps whose source
 // output pixel does not exist (padding side, stride gaps) contribute zero.
+// Weights come as in the forward kernel: mixed while loaded, or premixed when routing == nullptr.
 // Grid: x = input-pixel tiles, y = (group, input-channel tile), z = example.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) grad_input_igemm_kernel(
     const scalar_t* __restrict__ grad_out, Strides4 gos, const scalar_t* __restrict__ routing,
-    const scalar_t* __restrict__ weight, scalar_t* __restrict__ grad_x, Strides4 gxs, ConvGeometry g,
-    int64_t num_experts, bool nhwc, int64_t y_offset, int64_t z_offset) {
+    const scalar_t* __restrict__ weight, int64_t weight_example_stride, scalar_t* __restrict__ grad_x,
+    Strides4 gxs, ConvGeometry g, int64_t num_experts, bool nhwc, int64_t y_offset, int64_t z_offset) {
   __shared__ TileSmem<acc_t> s;
   const int64_t b = blockIdx.z + z_offset;
+  weight += b * weight_example_stride;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t filter_size = cin_g * taps;   // one output channel's weights
@@ -274,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) grad_input_igemm_kernel(
   const int64_t expert_stride = g.out_channels * filter_size;
   const GroupTile gt = group_tile(blockIdx.y + y_offset, cin_g, kTileM);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-  const scalar_t* r = routing + b * num_experts;
+  const scalar_t* r = routing ? routing + b * num_experts : nullptr;
   const Lanes lanes = thread_lanes(nhwc);
 
   acc_t acc[kRegs][kRegs] = {};
@@ -628,6 +637,13 @@ void pointwise_bmm(const at::Tensor& panels, const at::Tensor& in, at::Tensor& o
   if (!out_view) out.copy_(target.view(out.sizes()));
 }
 
+// Mixing while loading re-mixes an example's weight tile for each of its pixel tiles. Past two pixel
+// tiles, mixing once into per-example weights (B x |W| of scratch) reads the experts less often.
+bool premix_weights(int64_t pixel_tiles, int64_t experts, int64_t premixed_bytes) {
+  constexpr int64_t kScratchLimit = int64_t{1} << 30;
+  return experts > 1 && pixel_tiles > 2 && premixed_bytes <= kScratchLimit;
+}
+
 template <typename scalar_t, typename acc_t>
 void launch_forward(const ConvGeometry& g, Path path, bool nhwc, const at::Tensor& x, const at::Tensor& routing,
                     const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& y) {
@@ -656,10 +672,27 @@ void launch_forward(const ConvGeometry& g, Path path, bool nhwc, const at::Tenso
     return;
   }
   const int64_t row_tiles = g.groups * ceil_div(g.out_channels_per_group(), kTileM);
-  launch_grid(ceil_div(g.out_h * g.out_w, kTileN), row_tiles, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
+  const int64_t pixel_tiles = ceil_div(g.out_h * g.out_w, kTileN);
+  const scalar_t* routing_ptr = routing.data_ptr<scalar_t>();
+  const scalar_t* weight_ptr = weight.data_ptr<scalar_t>();
+  int64_t weight_example_stride = 0, bias_example_stride = 0, experts = E;
+  at::Tensor mixed, mixed_bias;
+  if (premix_weights(pixel_tiles, E, g.batch * weight.numel() / E * weight.element_size())) {
+    mixed = mix_experts(routing, weight.view({E, -1}));
+    weight_ptr = mixed.data_ptr<scalar_t>();
+    weight_example_stride = mixed.size(1);
+    if (bias) {
+      mixed_bias = mix_experts(routing, *bias);
+      bias_ptr = mixed_bias.data_ptr<scalar_t>();
+      bias_example_stride = g.out_channels;
+    }
+    routing_ptr = nullptr;
+    experts = 1;
+  }
+  launch_grid(pixel_tiles, row_tiles, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
     forward_igemm_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), strides_of(x), routing.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias_ptr,
-        y.data_ptr<scalar_t>(), strides_of(y), g, E, nhwc, y0, z0);
+        x.data_ptr<scalar_t>(), strides_of(x), routing_ptr, weight_ptr, bias_ptr, weight_example_stride,
+        bias_example_stride, y.data_ptr<scalar_t>(), strides_of(y), g, experts, nhwc, y0, z0);
   });
 }
 
@@ -710,10 +743,22 @@ void launch_grad_input(const ConvGeometry& g, Path path, bool nhwc, const at::Te
     return;
   }
   const int64_t row_tiles = g.groups * ceil_div(g.in_channels_per_group(), kTileM);
-  launch_grid(ceil_div(g.in_h * g.in_w, kTileN), row_tiles, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
+  const int64_t pixel_tiles = ceil_div(g.in_h * g.in_w, kTileN);
+  const scalar_t* routing_ptr = routing.data_ptr<scalar_t>();
+  const scalar_t* weight_ptr = weight.data_ptr<scalar_t>();
+  int64_t weight_example_stride = 0, experts = E;
+  at::Tensor mixed;
+  if (premix_weights(pixel_tiles, E, g.batch * weight.numel() / E * weight.element_size())) {
+    mixed = mix_experts(routing, weight.view({E, -1}));
+    weight_ptr = mixed.data_ptr<scalar_t>();
+    weight_example_stride = mixed.size(1);
+    routing_ptr = nullptr;
+    experts = 1;
+  }
+  launch_grid(pixel_tiles, row_tiles, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
     grad_input_igemm_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-        grad_out.data_ptr<scalar_t>(), strides_of(grad_out), routing.data_ptr<scalar_t>(),
-        weight.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), strides_of(grad_x), g, E, nhwc, y0, z0);
+        grad_out.data_ptr<scalar_t>(), strides_of(grad_out), routing_ptr, weight_ptr, weight_example_stride,
+        grad_x.data_ptr<scalar_t>(), strides_of(grad_x), g, experts, nhwc, y0, z0);
   });
 }
 
