@@ -56,7 +56,9 @@ def test_conv_index_helpers_on_the_host(tmp_path):
 # --- on a GPU -----------------------------------------------------------------------------------
 
 # (name, cin, cout, groups, k, hw, stride, dilation, padding): every path and its variants at sizes
-# that span several GEMM tiles (64 channels, 64 pixels, 16-deep steps) and ragged edges.
+# that span several GEMM tiles (64 channels, 64 pixels, 16-deep steps) and ragged edges. The GEMM
+# path mixes weights while loading them up to 2 pixel tiles (128 pixels) and premixes them beyond:
+# "dense_k3_small" and "grouped_k3_s2" (forward) stay below, the others go above.
 SHAPES = [
     ("pointwise", 96, 80, 1, 1, (15, 17), 1, 1, 0),
     ("pointwise_grouped", 96, 80, 4, 1, (9, 11), 1, 1, 0),
@@ -65,6 +67,7 @@ SHAPES = [
     ("depthwise_k5_s2_same", 40, 40, 40, 5, (16, 16), 2, 1, "same"),
     ("depthwise_k3_dil2", 33, 33, 33, 3, (14, 13), 1, 2, "same"),
     ("dense_k3", 40, 70, 1, 3, (14, 12), 1, 1, 1),
+    ("dense_k3_small", 24, 40, 1, 3, (8, 9), 1, 1, 1),
     ("dense_k3_s2_same", 24, 36, 1, 3, (16, 16), 2, 1, "same"),
     ("dense_k5_dil2", 12, 20, 1, 5, (17, 15), 1, 2, 2),
     ("dense_k7_valid", 6, 10, 1, 7, (19, 18), 1, 1, "valid"),
@@ -73,6 +76,8 @@ SHAPES = [
     ("depthwise_multiplier", 16, 32, 16, 3, (10, 10), 1, 1, 1),
     ("rect_3x1", 20, 28, 1, (3, 1), (10, 9), 1, 1, "same"),
 ]
+
+SHAPE = {s[0]: s for s in SHAPES}
 
 DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -119,7 +124,8 @@ def test_forward_and_backward_against_float64_oracle(shape, dtype, channels_last
 
 @needs_cuda_kernels
 @pytest.mark.parametrize("mask", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 1, 1, 1), (0, 1, 1, 0)])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[7], SHAPES[10]], ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", [SHAPE[n] for n in ("pointwise", "depthwise_k3", "dense_k3_s2_same", "grouped_k3")],
+                         ids=lambda s: s[0])
 def test_backward_op_honours_output_mask(shape, mask):
     """Requested gradients match the CPU kernels; the others come back as distinct empty tensors."""
     name, cin, cout, groups, k, hw, stride, dilation, padding = shape
@@ -141,7 +147,7 @@ def test_backward_op_honours_output_mask(shape, mask):
 
 @needs_cuda_kernels
 def test_backward_without_bias_returns_empty_grad_bias():
-    x, r, w, _ = _inputs(SHAPES[6], 2, 3, False, torch.float32, channels_last=True)
+    x, r, w, _ = _inputs(SHAPE["dense_k3"], 2, 3, False, torch.float32, channels_last=True)
     y = torch.ops.condkernels.cond_conv2d(x, r, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
     gx, gr, gw, gb = torch.ops.condkernels._cond_conv2d_backward(
         torch.ones_like(y), x, r, w, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, [True, True, True, True])
@@ -150,10 +156,11 @@ def test_backward_without_bias_returns_empty_grad_bias():
 
 
 @needs_cuda_kernels
+@pytest.mark.parametrize("experts", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_cuda_agrees_with_cpu_backend(shape):
+def test_cuda_agrees_with_cpu_backend(shape, experts):
     name, cin, cout, groups, k, hw, stride, dilation, padding = shape
-    x, r, w, b = _inputs(shape, 5, 3, True, torch.float64, channels_last=True, seed=4)
+    x, r, w, b = _inputs(shape, 5, experts, True, torch.float64, channels_last=True, seed=4)
     y_cuda = condkernels.cond_conv2d(x, r, w, b, stride, padding, dilation, groups, backend="cuda")
     cpu = [t.cpu() for t in (x, r, w, b)]
     y_cpu = condkernels.cond_conv2d(*cpu, stride, padding, dilation, groups, backend="cpu")
@@ -163,7 +170,7 @@ def test_cuda_agrees_with_cpu_backend(shape):
 @needs_cuda_kernels
 @pytest.mark.parametrize("batch", [0, 1])
 def test_tiny_and_empty_batches(batch):
-    x, r, w, b = _inputs(SHAPES[6], batch, 3, True, torch.float32, channels_last=False)
+    x, r, w, b = _inputs(SHAPE["dense_k3"], batch, 3, True, torch.float32, channels_last=False)
     inputs = [t.requires_grad_(True) for t in (x, r, w, b)]
     y = condkernels.cond_conv2d(*inputs, padding=1, backend="cuda")
     assert y.shape == (batch, 70, 14, 12)
@@ -176,7 +183,8 @@ def test_tiny_and_empty_batches(batch):
 @needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_opcheck_on_cuda_tensors(dtype):
-    for shape, cl in [(SHAPES[0], False), (SHAPES[3], True), (SHAPES[6], True), (SHAPES[10], False)]:
+    for shape, cl in [(SHAPE["pointwise"], False), (SHAPE["depthwise_k3"], True), (SHAPE["dense_k3"], True),
+                      (SHAPE["grouped_k3"], False)]:
         name, cin, cout, groups, k, hw, stride, dilation, padding = shape
         x, r, w, b = _inputs((name, cin, cout, groups, k, (6, 7), stride, dilation, padding), 2, 3, True, dtype, cl)
         p4 = list(pad4(padding, (6, 7), k, stride, dilation))
@@ -187,6 +195,6 @@ def test_opcheck_on_cuda_tensors(dtype):
 
 @needs_cuda_kernels
 def test_inputs_on_another_device_are_rejected():
-    x, r, w, b = _inputs(SHAPES[6], 2, 3, True, torch.float32, channels_last=False)
+    x, r, w, b = _inputs(SHAPE["dense_k3"], 2, 3, True, torch.float32, channels_last=False)
     with pytest.raises(RuntimeError, match="routing is on"):
         torch.ops.condkernels.cond_conv2d(x, r.cpu(), w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1)
