@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from ..ops.cond_conv2d import OP, check_args, check_geometry, register_variant
 from ..ops._conv_args import memory_format_of
@@ -72,6 +72,20 @@ _BACKWARD_SCHEMA = (
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _register_op(name: str, schema: str):
+    """``triton_op`` when the kernels are compiled; an opaque ``custom_op`` under the interpreter.
+
+    Under TRITON_INTERPRET=1, ``@triton.jit`` yields an ``InterpretedFunction`` and ``wrap_triton``
+    hands it back unwrapped (there is no HOP to trace it into), so the functional decomposition a
+    ``triton_op`` undergoes in torch.compile / AOTAutograd would launch the interpreter on fake
+    tensors. Eager calls on CPU tensors do work through ``triton_op``; tracing does not. Registering
+    the interpreted kernels as an ordinary custom op keeps them traceable as one opaque node.
+    """
+    if _interpreted():
+        return custom_op(name, mutates_args=(), schema=schema)
+    return triton_op(name, mutates_args=(), schema=schema)
 
 
 # --- kernels -------------------------------------------------------------------------------------
@@ -558,7 +572,7 @@ def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
     return stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1]
 
 
-@triton_op(FORWARD_OP, mutates_args=(), schema=_FORWARD_SCHEMA)
+@_register_op(FORWARD_OP, _FORWARD_SCHEMA)
 def _cond_conv2d_triton(
     x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
     padding: Sequence[int], dilation: Sequence[int], groups: int,
@@ -602,7 +616,7 @@ def _cond_conv2d_triton(
     return y
 
 
-@triton_op(BACKWARD_OP, mutates_args=(), schema=_BACKWARD_SCHEMA)
+@_register_op(BACKWARD_OP, _BACKWARD_SCHEMA)
 def _cond_conv2d_triton_backward(
     grad_out: Tensor, x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
