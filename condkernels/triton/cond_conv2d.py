@@ -110,6 +110,16 @@ def _acc_zeros_1d(N: tl.constexpr, FP64: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b; UPCAST runs it in fp32 (the interpreter's numpy matmul has no bfloat16)."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
 def _mix_kernel(
     coef_ptr, src_ptr, out_ptr, ROWS, N, TERMS,
     stride_ci, stride_ct, stride_st, stride_sn, stride_oi, stride_on,
@@ -178,7 +188,7 @@ def _conv_fwd_kernel(
     sxb, sxc, sxh, sxw, srb, sre, swe, swo, swi, swh, sww, sbb, syb, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[b, co, p] = sum_k W_b[co, k] * im2col(x[b])[k, p] + b_b[co], one group of one example."""
     pid_p = tl.program_id(0)
@@ -214,7 +224,7 @@ def _conv_fwd_kernel(
         iw = ow[None, :] * SW - PW + j[:, None] * DW
         x_mask = k_mask[:, None] & p_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_tile = tl.load(x_base + ci[:, None] * sxc + ih * sxh + iw * sxw, mask=x_mask, other=0)
-        acc = tl.dot(w_mix.to(x_tile.dtype), x_tile, acc, input_precision="ieee", out_dtype=acc.dtype)
+        acc = _dot(w_mix.to(x_tile.dtype), x_tile, acc, UPCAST_DOT)
     if HAS_BIAS:
         acc += tl.load(bmix_ptr + b * sbb + co, mask=co_mask, other=0).to(acc.dtype)[:, None]
     y = y_ptr + b * syb + co[:, None] * syc + (oh * syh + ow * syw)[None, :]
@@ -227,7 +237,7 @@ def _conv_grad_input_kernel(
     E, COUT_G, CIN_G, GROUPS, H, W, OH, OW,
     sgb, sgc, sgh, sgw, srb, sre, swe, swo, swi, swh, sww, sxb, sxc, sxh, sxw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, FP64: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FP64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x[b, ci, q] = sum over (co, tap) of W_b[co, ci, tap] * grad_y[b, co, q's output pixel]."""
@@ -269,7 +279,7 @@ def _conv_grad_input_kernel(
         g_mask = (k_mask[:, None] & q_mask[None, :] & (th >= 0) & (tw >= 0)
                   & (th_c % SH == 0) & (tw_c % SW == 0) & (oh < OH) & (ow < OW))
         g_tile = tl.load(go_base + co_local[:, None] * sgc + oh * sgh + ow * sgw, mask=g_mask, other=0)
-        acc = tl.dot(w_mix.to(g_tile.dtype), g_tile, acc, input_precision="ieee", out_dtype=acc.dtype)
+        acc = _dot(w_mix.to(g_tile.dtype), g_tile, acc, UPCAST_DOT)
     gx = gx_ptr + b * sxb + (g * CIN_G + ci_local)[:, None] * sxc + (ih * sxh + iw * sxw)[None, :]
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=ci_mask[:, None] & q_mask[None, :])
 
@@ -280,7 +290,7 @@ def _conv_grad_weight_kernel(
     COUT_G, CIN_G, GROUPS, H, W, OH, OW,
     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, FP64: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FP64: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """dW_b[co, k] = sum_p grad_y[b, co, p] * im2col(x[b])[k, p] into a contiguous (B, Cout, K) buffer."""
@@ -312,7 +322,7 @@ def _conv_grad_weight_kernel(
         iw = ow[:, None] * SW - PW + j[None, :] * DW
         x_mask = p_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_tile = tl.load(x_base + ih * sxh + iw * sxw, mask=x_mask, other=0)
-        acc = tl.dot(g_tile, x_tile, acc, input_precision="ieee", out_dtype=acc.dtype)
+        acc = _dot(g_tile, x_tile, acc, UPCAST_DOT)
     cout = GROUPS * COUT_G
     out = dw_ptr + (b * cout + g * COUT_G + co_local)[:, None] * K + k[None, :]
     tl.store(out, acc, mask=co_mask[:, None] & k_mask[None, :])
@@ -474,6 +484,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _interpreted()
+
+
 def _is_depthwise(x: Tensor, weight: Tensor, groups: int) -> bool:
     return groups > 1 and groups == x.shape[1] == weight.shape[1]
 
@@ -527,7 +541,7 @@ def _mix_biases(routing: Tensor, bias: Tensor) -> Tensor:
 def _reduce_to_experts(routing: Tensor, per_example: Tensor, out: Tensor) -> Tensor:
     """out[e] = sum_b r[b,e] per_example[b]: the expert gradient from the per-example one."""
     batch, experts = routing.shape
-    flat_src = per_example.reshape(batch, -1)
+    flat_src = per_example.reshape(batch, out.numel() // experts)
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     _mix((routing.stride(1), routing.stride(0)), routing, experts, batch, flat_src,
          target.view(experts, -1), out.dtype == torch.float64)
@@ -610,7 +624,7 @@ def _cond_conv2d_triton(
         (triton.cdiv(out_h * out_w, block_p), triton.cdiv(cout_g, block_co), batch * groups),
         x, routing, weight, b_arg, y, experts, cout_g, cin_g, groups, height, width, out_h, out_w,
         *x.stride(), *routing.stride(), *weight.stride(), b_stride, *y.stride(), *geometry,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, FP64=fp64,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, FP64=fp64, UPCAST_DOT=_upcast_dot(x.dtype),
         BLOCK_CO=block_co, BLOCK_P=block_p, BLOCK_K=block_k,
     )
     return y
@@ -665,7 +679,7 @@ def _cond_conv2d_triton_backward(
                 grad_out, routing, weight, grad_x, experts, cout_g, cin_g, groups, height, width,
                 out_h, out_w, *grad_out.stride(), *routing.stride(), *weight.stride(),
                 *grad_x.stride(), *geometry,
-                KH=kh, KW=kw, FP64=fp64, BLOCK_CI=block_ci, BLOCK_P=block_p, BLOCK_K=block_k,
+                KH=kh, KW=kw, FP64=fp64, UPCAST_DOT=_upcast_dot(x.dtype), BLOCK_CI=block_ci, BLOCK_P=block_p, BLOCK_K=block_k,
             )
 
     # Per-example gradients of the mixed kernel and bias, the inputs of dW_e, dbias_e and dr.
@@ -691,9 +705,10 @@ def _cond_conv2d_triton_backward(
                 (triton.cdiv(taps, block_k), triton.cdiv(cout_g, block_co), batch * groups),
                 grad_out, x, dw_per_example, cout_g, cin_g, groups, height, width, out_h, out_w,
                 *grad_out.stride(), *x.stride(), *geometry,
-                KH=kh, KW=kw, FP64=fp64, BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p,
+                KH=kh, KW=kw, FP64=fp64, UPCAST_DOT=_upcast_dot(x.dtype),
+                BLOCK_CO=block_co, BLOCK_K=block_k, BLOCK_P=block_p,
             )
-        dw_per_example = dw_per_example.view(batch, -1)
+        dw_per_example = dw_per_example.view(batch, cout * taps)
     db_per_example = None
     if bias is not None and (want_bias or want_routing):
         db_per_example = torch.empty((batch, cout), dtype=acc_dtype, device=x.device)
