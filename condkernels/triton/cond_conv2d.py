@@ -2,9 +2,13 @@
 
 Registered as their own ops, ``condkernels::cond_conv2d_triton`` and
 ``condkernels::_cond_conv2d_triton_backward`` (same schemas as ``cond_conv2d`` /
-``_cond_conv2d_backward``), with :func:`torch.library.triton_op` and :func:`torch.library.wrap_triton`
-so that torch.compile sees the kernels themselves; the fake kernels and the autograd formula are the
-ones every variant shares (``condkernels.ops.cond_conv2d.register_variant``).
+``_cond_conv2d_backward``). With compiled kernels (a GPU) they are :func:`torch.library.triton_op`
+ops launching through :func:`torch.library.wrap_triton`, so torch.compile sees the kernels
+themselves. Under ``TRITON_INTERPRET=1`` they are plain :func:`torch.library.custom_op` ops: eager
+calls on CPU tensors work through ``triton_op`` as well, but ``wrap_triton`` returns interpreted
+kernels unwrapped, so tracing a ``triton_op`` (torch.compile, ``opcheck``'s AOTAutograd checks)
+would launch the interpreter on fake tensors. The fake kernels and the autograd formula are the ones
+every variant shares (``condkernels.ops.cond_conv2d.register_variant``).
 
 Kernels (``W_b = sum_e r[b,e] W_e`` is the mixed kernel of example ``b``):
 
@@ -30,16 +34,22 @@ Precision: accumulation is fp32 (fp64 for float64 inputs). For bfloat16/float16 
 tile is rounded to the input dtype before ``tl.dot`` (tensor cores take both operands in one dtype),
 as the mixed-weights formulation would store it; the depthwise kernels keep it in fp32. float32
 ``tl.dot`` runs with ``input_precision="ieee"`` (no TF32). float64 uses ``tl.dot`` too: Triton 3.x
-accepts fp64 operands (the interpreter runs it in numpy; on NVIDIA GPUs it lowers to FMA / DMMA).
+accepts fp64 operands. The interpreter's numpy matmul has no bfloat16, so there (only) bfloat16
+operands are widened to fp32 for the product (``UPCAST_DOT``), after the same rounding.
 
 Memory format: every kernel takes element strides, so channels_last input is read in place (no
 copy) and the output is written in x's memory format. Offsets use int32 arithmetic except the batch
-term, so a single example must hold fewer than 2**31 elements.
+(and expert-row) terms, so a single example must hold fewer than 2**31 elements.
 
 Verification status: the kernels have been run only under the Triton interpreter
-(``TRITON_INTERPRET=1``) on CPU tensors (``python_tests/test_cond_conv2d.py``,
-``python_tests/test_cond_conv2d_triton.py``). They have not yet been compiled for or run on a GPU,
-and the block sizes chosen for GPUs below are untuned.
+(``TRITON_INTERPRET=1``) on CPU tensors, against float64 oracles in float64/float32/bfloat16/float16
+(``python_tests/test_cond_conv2d.py``, ``python_tests/test_cond_conv2d_triton.py``), and compiled
+ahead of time for sm_90 down to cubin (``test_kernels_compile_for_sm90``); the ``triton_op`` path has
+been traced by AOTAutograd on meta tensors into one ``triton_kernel_wrapper_functional`` node per
+kernel (``test_triton_op_path_exposes_kernels_to_aot_autograd``). Nothing has run on a GPU yet: eager
+and compiled ``triton_op`` launches, fp64 ``tl.dot`` on hardware, the multi-program split of
+``_routing_grad_kernel`` at GPU sizes (exercised under the interpreter by forcing the split) and the
+block sizes (untuned) are unverified there, and no timings exist.
 """
 
 from __future__ import annotations
@@ -476,8 +486,9 @@ def _block(n: int, cap: int, floor: int = 16) -> int:
 def _caps() -> dict:
     # The interpreter pays per program and per block operation, not per element: fewer, larger blocks.
     if _interpreted():
-        return dict(p=256, c=64, k=64, n=256, split_programs=1)
-    return dict(p=64, c=64, k=32, n=128, split_programs=264)
+        return dict(p=256, c=64, k=64, n=256, contract_n=256, split_programs=1)
+    # contract_n bounds the (BLOCK_B, BLOCK_E, BLOCK_N) product _routing_grad_kernel holds in registers.
+    return dict(p=64, c=64, k=32, n=128, contract_n=32, split_programs=264)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -560,7 +571,7 @@ def _routing_grad(routing: Tensor, dw: Tensor, weight: Tensor, db: Optional[Tens
     n_w = w_flat.shape[1]
     block_b = _block(batch, 16, floor=1)
     block_e = _block(experts, 16, floor=1)
-    block_n = _block(n_w, 64)
+    block_n = _block(n_w, caps["contract_n"])
     grid_b, grid_e = triton.cdiv(batch, block_b), triton.cdiv(experts, block_e)
     blocks_n = triton.cdiv(n_w, block_n)
     splits = max(1, min(blocks_n, caps["split_programs"] // max(1, grid_b * grid_e)))
