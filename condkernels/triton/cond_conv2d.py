@@ -486,9 +486,10 @@ def _block(n: int, cap: int, floor: int = 16) -> int:
 def _caps() -> dict:
     # The interpreter pays per program and per block operation, not per element: fewer, larger blocks.
     if _interpreted():
-        return dict(p=256, c=64, k=64, n=256, contract_n=256, split_programs=1)
-    # contract_n bounds the (BLOCK_B, BLOCK_E, BLOCK_N) product _routing_grad_kernel holds in registers.
-    return dict(p=64, c=64, k=32, n=128, contract_n=32, split_programs=264)
+        return dict(p=256, c=64, k=64, n=256, dw_c=64, dw_p=256, contract_n=256, split_programs=1)
+    # dw_*: the direct depthwise tiles (no tensor cores, more pixels per program); contract_n bounds
+    # the (BLOCK_B, BLOCK_E, BLOCK_N) product _routing_grad_kernel holds in registers.
+    return dict(p=64, c=64, k=32, n=128, dw_c=32, dw_p=128, contract_n=32, split_programs=264)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -615,8 +616,8 @@ def _cond_conv2d_triton(
     b_arg, b_stride = (b_mix, b_mix.stride(0)) if b_mix is not None else (y, 0)
     geometry = _geometry_args(stride, padding, dilation)
     if _is_depthwise(x, weight, groups):
-        block_c = _block(cout, 32 if not _interpreted() else caps["c"], floor=1)
-        block_p = _block(out_h * out_w, caps["p"] * 2 if not _interpreted() else caps["p"])
+        block_c = _block(cout, caps["dw_c"], floor=1)
+        block_p = _block(out_h * out_w, caps["dw_p"])
         _launch(
             _depthwise_fwd_kernel,
             (triton.cdiv(out_h * out_w, block_p), triton.cdiv(cout, block_c), batch),
@@ -670,8 +671,8 @@ def _cond_conv2d_triton_backward(
     grad_x = torch.empty_like(x) if want_x else empty()
     if want_x and grad_x.numel():
         if depthwise:
-            block_c = _block(cin, 32 if not _interpreted() else caps["c"], floor=1)
-            block_p = _block(height * width, caps["p"] * 2 if not _interpreted() else caps["p"])
+            block_c = _block(cin, caps["dw_c"], floor=1)
+            block_p = _block(height * width, caps["dw_p"])
             _launch(
                 _depthwise_grad_input_kernel,
                 (triton.cdiv(height * width, block_p), triton.cdiv(cin, block_c), batch),
