@@ -99,7 +99,8 @@ def test_routing_grad_split_reduction(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-LOW_PRECISION = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)] + ([(torch.float16, 4e-3)])
+# Relative to the largest reference value; the inputs' own rounding is the floor (bf16 eps = 7.8e-3).
+LOW_PRECISION = [(torch.float32, 1e-6), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
 
 
 @pytest.mark.parametrize("dtype,tol", LOW_PRECISION, ids=lambda v: str(v).replace("torch.", ""))
