@@ -120,6 +120,17 @@ def _acc_zeros_1d(N: tl.constexpr, FP64: tl.constexpr):
 
 
 @triton.jit
+def _mixed_tile(r_ptr, stride_re, w_ptrs, stride_we, mask, E, acc):
+    """acc + sum_e r[e] * W_e[tile]: ``w_ptrs`` points at the tile in expert 0, ``r_ptr`` at r[b, 0]."""
+    for e in range(E):
+        r_e = tl.load(r_ptr).to(acc.dtype)
+        acc += r_e * tl.load(w_ptrs, mask=mask, other=0).to(acc.dtype)
+        r_ptr += stride_re
+        w_ptrs += stride_we
+    return acc
+
+
+@triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b; UPCAST runs it in fp32 (the interpreter's numpy matmul has no bfloat16)."""
     if UPCAST:
@@ -226,10 +237,7 @@ def _conv_fwd_kernel(
         j = tap % KW
         w_off = co[:, None] * swo + (ci * swi + i * swh + j * sww)[None, :]
         w_mask = co_mask[:, None] & k_mask[None, :]
-        w_mix = _acc_zeros(BLOCK_CO, BLOCK_K, FP64)
-        for e in range(E):
-            r_e = tl.load(r_base + e * sre).to(w_mix.dtype)
-            w_mix += r_e * tl.load(w_ptr + e * swe + w_off, mask=w_mask, other=0).to(w_mix.dtype)
+        w_mix = _mixed_tile(r_base, sre, w_ptr + w_off, swe, w_mask, E, _acc_zeros(BLOCK_CO, BLOCK_K, FP64))
         ih = oh[None, :] * SH - PH + i[:, None] * DH
         iw = ow[None, :] * SW - PW + j[:, None] * DW
         x_mask = k_mask[:, None] & p_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -275,10 +283,7 @@ def _conv_grad_input_kernel(
         j = tap % KW
         w_off = ci_local[:, None] * swi + ((g * COUT_G + co_local) * swo + i * swh + j * sww)[None, :]
         w_mask = ci_mask[:, None] & k_mask[None, :]
-        w_mix = _acc_zeros(BLOCK_CI, BLOCK_K, FP64)
-        for e in range(E):
-            r_e = tl.load(r_base + e * sre).to(w_mix.dtype)
-            w_mix += r_e * tl.load(w_ptr + e * swe + w_off, mask=w_mask, other=0).to(w_mix.dtype)
+        w_mix = _mixed_tile(r_base, sre, w_ptr + w_off, swe, w_mask, E, _acc_zeros(BLOCK_CI, BLOCK_K, FP64))
         # Output pixel that reads input pixel q through tap (i, j), when there is one.
         th = ih[None, :] + PH - i[:, None] * DH
         tw = iw[None, :] + PW - j[:, None] * DW
@@ -379,11 +384,8 @@ def _depthwise_fwd_kernel(
     for tap in tl.static_range(KH * KW):
         i = tap // KW
         j = tap % KW
-        w_mix = _acc_zeros_1d(BLOCK_C, FP64)
-        for e in range(E):
-            r_e = tl.load(r_base + e * sre).to(w_mix.dtype)
-            w_mix += r_e * tl.load(w_ptr + e * swe + c * swc + i * swh + j * sww,
-                                   mask=c_mask, other=0).to(w_mix.dtype)
+        w_mix = _mixed_tile(r_base, sre, w_ptr + c * swc + (i * swh + j * sww), swe, c_mask, E,
+                            _acc_zeros_1d(BLOCK_C, FP64))
         ih = oh * SH - PH + i * DH
         iw = ow * SW - PW + j * DW
         in_bounds = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -419,11 +421,8 @@ def _depthwise_grad_input_kernel(
     for tap in tl.static_range(KH * KW):
         i = tap // KW
         j = tap % KW
-        w_mix = _acc_zeros_1d(BLOCK_C, FP64)
-        for e in range(E):
-            r_e = tl.load(r_base + e * sre).to(w_mix.dtype)
-            w_mix += r_e * tl.load(w_ptr + e * swe + c * swc + i * swh + j * sww,
-                                   mask=c_mask, other=0).to(w_mix.dtype)
+        w_mix = _mixed_tile(r_base, sre, w_ptr + c * swc + (i * swh + j * sww), swe, c_mask, E,
+                            _acc_zeros_1d(BLOCK_C, FP64))
         th = ih + PH - i * DH
         tw = iw + PW - j * DW
         th_c = tl.where(th >= 0, th, 0)
