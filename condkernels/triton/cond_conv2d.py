@@ -603,7 +603,7 @@ def _cond_conv2d_triton(
     padding: Sequence[int], dilation: Sequence[int], groups: int,
 ) -> Tensor:
     out_h, out_w = _check_call(x, routing, weight, bias, stride, padding, dilation, groups)
-    batch, cin, height, width = x.shape
+    batch, _, height, width = x.shape
     experts, cout, cin_g, kh, kw = weight.shape
     y = torch.empty((batch, cout, out_h, out_w), dtype=x.dtype, device=x.device,
                     memory_format=memory_format_of(x))
@@ -655,6 +655,8 @@ def _cond_conv2d_triton_backward(
                          f"got {tuple(grad_out.shape)}")
     if grad_out.dtype != x.dtype or grad_out.device != x.device:
         raise ValueError(f"{OP}: grad_out must have x's dtype and device")
+    if len(output_mask) != 4:
+        raise ValueError(f"{OP}: output_mask must have 4 values (x, routing, weight, bias)")
     want_x, want_routing, want_weight, want_bias = (bool(m) for m in output_mask)
     want_bias = want_bias and bias is not None
     fp64 = x.dtype == torch.float64
@@ -690,7 +692,8 @@ def _cond_conv2d_triton_backward(
                 grad_out, routing, weight, grad_x, experts, cout_g, cin_g, groups, height, width,
                 out_h, out_w, *grad_out.stride(), *routing.stride(), *weight.stride(),
                 *grad_x.stride(), *geometry,
-                KH=kh, KW=kw, FP64=fp64, UPCAST_DOT=_upcast_dot(x.dtype), BLOCK_CI=block_ci, BLOCK_P=block_p, BLOCK_K=block_k,
+                KH=kh, KW=kw, FP64=fp64, UPCAST_DOT=_upcast_dot(x.dtype),
+                BLOCK_CI=block_ci, BLOCK_P=block_p, BLOCK_K=block_k,
             )
 
     # Per-example gradients of the mixed kernel and bias, the inputs of dW_e, dbias_e and dr.
