@@ -135,7 +135,10 @@ def test_gradcheck(layer, device, backend):
     x, r, w, b = make_inputs(2, cin, cout, 3, k, (5, 4), groups, True, device=device, seed=7)
     inputs = [t.requires_grad_(True) for t in (x, r, w, b)]
     fn = lambda *a: condkernels.cond_conv2d(*a, stride=2, padding="same", groups=groups, backend=backend)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    # The interpreter runs each Triton launch in Python: full gradcheck (two launches per input
+    # element) would take minutes, fast mode checks random projections of the same Jacobians.
+    fast = backend == "triton" and triton_interpreted()
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 3e-2)])
