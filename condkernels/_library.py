@@ -1,6 +1,5 @@
 """Loads the compiled ops and tells which backends this installation has."""
 
-import functools
 import importlib.util
 
 import torch
@@ -13,12 +12,15 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"condkernels::{op}", dispatch_key)
 
 
-@functools.cache
+# Fixed for the life of the process; plain constants keep them free to read under torch.compile.
+_CUDA_BUILT = has_kernel("cond_conv2d", "CUDA")
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def cuda_built() -> bool:
     """Whether the CUDA kernels were compiled into this installation (a GPU need not be present)."""
-    return has_kernel("cond_conv2d", "CUDA")
+    return _CUDA_BUILT
 
 
-@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
