@@ -169,9 +169,28 @@ void gather_weight(const T* weight, const ConvGeometry& g, int64_t grp, const in
   });
 }
 
+// c = a @ b into a preallocated buffer: MKL for float32/float64, oneDNN for bfloat16. (A
+// register-blocked AVX-512 kernel was tried here and ran at ~0.6x of MKL's sgemm on the benchmark
+// CPU, so the library GEMM stays.)
+void mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) { at::mm_out(c, a, b); }
+
+// dst[(i, k), o] = weight[group's outs[o], ins[i], k]: the transposed gather the input gradient needs.
+template <typename T>
+void gather_weight_transposed(const T* weight, const ConvGeometry& g, int64_t grp, const int64_t* outs,
+                              int64_t n_out, const int64_t* ins, int64_t n_in, T* dst) {
+  const int64_t cin_g = g.in_channels_per_group(), kk = g.kernel_h * g.kernel_w;
+  parallel_rows(n_in, n_out * kk, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t o = 0; o < n_out; ++o) {
+        const T* s = weight + ((grp * g.out_channels_per_group() + outs[o]) * cin_g + ins[i]) * kk;
+        for (int64_t k = 0; k < kk; ++k) dst[(i * kk + k) * n_out + o] = s[k];
+      }
+  });
+}
+
 // Per-thread scratch, sized for the largest group GEMM of the call.
 struct Workspace {
-  at::Tensor cols, weight, result, grad_rows, grad_cols, acc_planes, ungated;
+  at::Tensor cols, weight, result, grad_rows, grad_rows_t, grad_cols, acc_planes, ungated;
 
   Workspace(const ConvGeometry& g, const at::TensorOptions& options, bool backward) {
     const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
@@ -181,6 +200,7 @@ struct Workspace {
     result = at::empty({cout_g * positions}, options);
     if (backward) {
       grad_rows = at::empty({cout_g * positions}, options);
+      grad_rows_t = at::empty({cout_g * positions}, options);
       grad_cols = at::empty({cin_g * kk * positions}, options);
       acc_planes = at::empty({cin_g * g.in_h * g.in_w},
                              options.dtype(at::toOpMathType(options.dtype().toScalarType())));
@@ -231,7 +251,7 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
         w_open = Workspace::matrix(ws.weight, n_out, n_in * kk);
         gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>());
       }
-      at::mm_out(result, w_open, cols);
+      mm_into(w_open, cols, result);
     }
     // Epilogue: bias, out_gate, and zeros for the closed outputs.
     const T* res = result.data_ptr<T>();
@@ -517,10 +537,10 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor&
             acc_t* gxg = ws.acc_planes.data_ptr<acc_t>();
             std::fill(gxg, gxg + n_rows * plane, acc_t(0));
             if (n_out > 0 && n_rows > 0) {
-              at::Tensor w_rows = Workspace::matrix(ws.weight, n_out, n_rows * kk);
-              gather_weight<T>(w_p, g, grp, out_list, n_out, row_list, n_rows, nullptr, w_rows.data_ptr<T>());
+              at::Tensor w_rows_t = Workspace::matrix(ws.weight, n_rows * kk, n_out);
+              gather_weight_transposed<T>(w_p, g, grp, out_list, n_out, row_list, n_rows, w_rows_t.data_ptr<T>());
               at::Tensor grad_cols = Workspace::matrix(ws.grad_cols, n_rows * kk, positions);
-              at::mm_out(grad_cols, w_rows.t(), grad_z);
+              mm_into(w_rows_t, grad_z, grad_cols);
               col2im_channels(grad_cols.data_ptr<T>(), n_rows, g, gxg);
             }
             // Every channel of the group: rows get in_gate * grad, the others (closed, in_gate not
@@ -556,16 +576,18 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor&
               cols = Workspace::matrix(ws.cols, n_in * kk, positions);
               im2col_channels(x_g, in_list, n_in, g, cols.data_ptr<T>());
             }
-            at::Tensor grad_w_open = Workspace::matrix(ws.weight, n_out, n_in * kk);
-            at::mm_out(grad_w_open, grad_z, cols.t());
-            const T* gw = grad_w_open.data_ptr<T>();
-            for (int64_t o = 0; o < n_out; ++o) {
-              acc_t* dst = acc_w_t + (grp * cout_g + out_list[o]) * cin_g * kk;
-              for (int64_t i = 0; i < n_in; ++i) {
-                const acc_t gate = ig_row != nullptr ? static_cast<acc_t>(ig_row[grp * cin_g + in_list[i]]) : acc_t(1);
-                const T* s = gw + (o * n_in + i) * kk;
-                acc_t* d = dst + in_list[i] * kk;
-                for (int64_t k = 0; k < kk; ++k) d[k] += static_cast<acc_t>(s[k]) * gate;
+            // grad_weight^T over the open block = cols (n_in*kk x P) @ grad_z^T (P x n_out).
+            at::Tensor grad_z_t = Workspace::matrix(ws.grad_rows_t, positions, n_out);
+            grad_z_t.copy_(grad_z.t());
+            at::Tensor grad_w_open_t = Workspace::matrix(ws.weight, n_in * kk, n_out);
+            mm_into(cols, grad_z_t, grad_w_open_t);
+            const T* gw = grad_w_open_t.data_ptr<T>();
+            for (int64_t i = 0; i < n_in; ++i) {
+              const acc_t gate = ig_row != nullptr ? static_cast<acc_t>(ig_row[grp * cin_g + in_list[i]]) : acc_t(1);
+              for (int64_t o = 0; o < n_out; ++o) {
+                acc_t* d = acc_w_t + ((grp * cout_g + out_list[o]) * cin_g + in_list[i]) * kk;
+                for (int64_t k = 0; k < kk; ++k)
+                  d[k] += static_cast<acc_t>(gw[(i * kk + k) * n_out + o]) * gate;
               }
             }
           }
