@@ -107,24 +107,33 @@ def gated_conv2d(
     return forward(*args)
 
 
+def _find_triton_kernels() -> bool:
+    try:
+        return importlib.util.find_spec(f"condkernels.triton.{OP}") is not None
+    except ModuleNotFoundError:  # no condkernels.triton package at all
+        return False
+
+
+# Which kernels of gated_conv2d this installation has, decided once (not while torch.compile traces).
+HAS_TRITON_KERNELS = _find_triton_kernels()
+HAS_CUDA_KERNELS = _library.has_kernel(OP, "CUDA")
+
+
 def _resolve(backend: str, device: torch.device) -> str:
     """``resolve_backend``, plus a clear error where gated_conv2d has no kernels of that backend."""
     which = resolve_backend(OP, backend, device)
-    try:
-        triton_present = importlib.util.find_spec(f"condkernels.triton.{OP}") is not None
-    except ModuleNotFoundError:  # no condkernels.triton package at all
-        triton_present = False
-    cuda_present = _library.has_kernel(OP, "CUDA")
-    if backend == "auto" and which == "cuda" and not cuda_present:
-        which = "triton" if triton_present and _library.triton_available() else "reference"
-    if backend == "auto" and which == "triton" and not triton_present:
+    if which == "cpu" or which == "reference":
+        return which
+    if backend == "auto" and which == "cuda" and not HAS_CUDA_KERNELS:
+        which = "triton" if HAS_TRITON_KERNELS and _library.triton_available() else "reference"
+    if backend == "auto" and which == "triton" and not HAS_TRITON_KERNELS:
         which = "reference"
-    if which == "triton" and not triton_present:
+    if which == "triton" and not HAS_TRITON_KERNELS:
         raise RuntimeError(
             f"{OP}: backend='triton' is not implemented: this installation has no Triton kernels "
             f"of {OP} (condkernels/triton/{OP}.py)"
         )
-    if which == "cuda" and not cuda_present:
+    if which == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(
             f"{OP}: backend='cuda' is not implemented: this installation has no CUDA kernels of "
             f"{OP} (csrc/cuda/{OP}.cu)"

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -292,11 +293,18 @@ std::vector<int64_t> symmetric_padding(const ConvGeometry& g) {
 
 at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
 
+// t * gate per channel, exactly 0 where the gate is closed (as the compacted path, which never
+// reads a closed channel, so inf/NaN there do not leak).
+at::Tensor gated(const at::Tensor& t, const at::Tensor& gate) {
+  const at::Tensor scale = channel_scale(gate);
+  return at::where(scale == 0, at::zeros({}, t.options()), t * scale);
+}
+
 // The dense formulation, for gates open enough that oneDNN's convolution beats the compaction.
 at::Tensor dense_ungated(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_gate,
                          const ConvGeometry& g, c10::IntArrayRef stride, c10::IntArrayRef dilation) {
-  const at::Tensor x_gated = in_gate ? x * channel_scale(*in_gate) : x;
+  const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
   return at::conv2d(pad_if_asymmetric(x_gated, g), weight, bias, stride, symmetric_padding(g),
                     dilation, g.groups);
 }
@@ -337,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
   if (fraction > dense_above_work_fraction()) {
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
-    return {(z * channel_scale(*out_gate)).contiguous(memory_format), with_ungated ? z : at::Tensor()};
+    return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
   }
 
   const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
@@ -351,6 +359,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     scalar_t* y_p = y.data_ptr<scalar_t>();
     scalar_t* u_p = with_ungated ? ungated.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+      // Worker threads do not inherit the caller's dispatch state: keep the buffers' GEMMs out of
+      // autograd here too.
+      at::AutoDispatchBelowAutograd below_autograd;
       Workspace ws(g, x.options(), /*backward=*/false);
       OpenChannels ins, outs;
       for (int64_t b = b0; b < b1; ++b) {
@@ -390,7 +401,7 @@ Grads dense_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
                      const ConvGeometry& g, c10::IntArrayRef stride, c10::IntArrayRef dilation,
                      std::array<bool, 5> mask) {
   auto empty = [&] { return x.new_empty({0}); };
-  const at::Tensor x_gated = in_gate ? x * channel_scale(*in_gate) : x;
+  const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
   const at::Tensor grad_ungated = out_gate ? grad_out * channel_scale(*out_gate) : grad_out;
   const at::Tensor x_padded = pad_if_asymmetric(x_gated, g);
   const bool need_input_grad = mask[0] || mask[3];
@@ -470,6 +481,7 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor&
     const T* og_p = optional_data<T>(out_gate);
     const T* u_p = optional_data<T>(ungated);
     at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+      at::AutoDispatchBelowAutograd below_autograd;
       Workspace ws(g, x.options(), /*backward=*/true);
       OpenChannels ins, outs, rows;
       const int64_t tid = at::get_thread_num();
