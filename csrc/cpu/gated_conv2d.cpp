@@ -266,11 +266,13 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
           const T* r = res + o * positions;
           const acc_t bv = bias != nullptr ? static_cast<acc_t>(bias[co]) : acc_t(0);
           const acc_t gate = out_gate_row != nullptr ? static_cast<acc_t>(out_gate_row[co]) : acc_t(1);
+          // Computed only for its ungated value: the gated output stays exactly 0.
+          const bool closed = !gate_is_open(gate);
           T* u_row = ungated_b != nullptr ? ungated_b + co * positions : nullptr;
           for (int64_t p = 0; p < positions; ++p) {
             const T z = static_cast<T>(static_cast<acc_t>(r[p]) + bv);
             if (u_row != nullptr) u_row[p] = z;
-            if (y_row != nullptr) y_row[p] = static_cast<T>(static_cast<acc_t>(z) * gate);
+            if (y_row != nullptr) y_row[p] = closed ? T(0) : static_cast<T>(static_cast<acc_t>(z) * gate);
           }
           ++o;
         } else if (y_row != nullptr) {
