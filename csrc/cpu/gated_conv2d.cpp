@@ -27,9 +27,11 @@ namespace condkernels {
 namespace {
 
 // Fraction of the dense multiply-adds (averaged over examples and groups) above which the dense
-// convolution + masks is taken. Chosen from bench/bench_gated_conv2d.py on a 2-core AVX-512 CPU
-// (docs/benchmarks_gated_conv2d.md): below it the compacted GEMMs win on every ResNet block shape.
-constexpr double kDenseAboveWorkFraction = 0.7;
+// convolution + masks is taken. From bench/bench_gated_conv2d.py on a 2-core AMD EPYC (AVX-512),
+// docs/benchmarks_gated_conv2d.md: the compacted GEMMs (MKL sgemm, ~0.4x of oneDNN's convolution
+// throughput on that CPU) beat the dense convolution at density 0.25 on most ResNet block shapes and
+// lose on most at 0.5.
+constexpr double kDenseAboveWorkFraction = 0.35;
 
 // CONDKERNELS_GATED_DENSE_ABOVE overrides the threshold (1 = never dense, -1 = always dense); the
 // tests use it to run both paths and the benchmark to measure the crossover.
