@@ -66,7 +66,10 @@ def interleaved_ms(fns, rounds):
             samples[i].append((time.perf_counter() - start) / numbers[i] * 1e3)
     medians = [statistics.median(s) for s in samples]
     ratios = [statistics.median(a / b for a, b in zip(s, samples[0])) for s in samples]
-    return medians, ratios
+    # Contention only ever adds time, so the ratio of the fastest rounds is the steadier estimate on a
+    # loaded machine; it is reported next to the median ratio, which the targets are judged on.
+    best = [min(s) / min(samples[0]) for s in samples]
+    return medians, ratios, best
 
 
 def random_gate(batch, channels, density, gen):
@@ -125,7 +128,7 @@ def inference_rows(batches, rounds):
                         gate = random_gate(batch, channels, density, gen)
                         ig, og = (gate, None) if side == "in" else (None, gate)
                         torch.testing.assert_close(gated(x, w, ig, og), dense_masked(x, w, ig, og), rtol=1e-3, atol=1e-3)
-                        (dense, auto, compacted, slicing), (_, r_auto, r_compacted, r_slicing) = interleaved_ms(
+                        (dense, auto, compacted, slicing), (_, r_auto, r_compacted, r_slicing), best = interleaved_ms(
                             [lambda: dense_masked(x, w, ig, og), lambda: gated(x, w, ig, og),
                              lambda: gated(x, w, ig, og, dense_above="2"), lambda: slicing_loop(x, w, ig, og)],
                             rounds,
@@ -135,7 +138,8 @@ def inference_rows(batches, rounds):
                             mode="inference", batch=batch, channels=channels, hw=hw, gate=side, density=density,
                             dense_ms=dense, gated_ms=auto, compacted_ms=compacted, slicing_ms=slicing,
                             gated_over_dense=r_auto, compacted_over_dense=r_compacted,
-                            slicing_over_dense=r_slicing, target=target,
+                            slicing_over_dense=r_slicing, gated_best_over_dense=best[1],
+                            compacted_best_over_dense=best[2], slicing_best_over_dense=best[3], target=target,
                             met=r_auto <= target and r_auto <= r_slicing,
                         ))
                         print(_fmt(rows[-1]), flush=True)
@@ -166,12 +170,13 @@ def training_rows(batch, densities, rounds):
                 y = condkernels.gated_conv2d(h, w2, None, gate, None, padding=1)
                 torch.autograd.grad(y.sum(), leaves)
 
-            (dense, ours), (_, ratio) = interleaved_ms([dense_step, gated_step], rounds)
+            (dense, ours), (_, ratio), best = interleaved_ms([dense_step, gated_step], rounds)
             rows.append(dict(
                 mode="training", batch=batch, channels=channels, hw=hw, gate="block", density=density,
                 dense_ms=dense, gated_ms=ours, compacted_ms=float("nan"), slicing_ms=float("nan"),
                 gated_over_dense=ratio, compacted_over_dense=float("nan"), slicing_over_dense=float("nan"),
-                target=1.1, met=ratio <= 1.1,
+                gated_best_over_dense=best[1], compacted_best_over_dense=float("nan"),
+                slicing_best_over_dense=float("nan"), target=1.1, met=ratio <= 1.1,
             ))
             print(_fmt(rows[-1]), flush=True)
     return rows
@@ -180,7 +185,8 @@ def training_rows(batch, densities, rounds):
 def _fmt(r):
     return (f"{r['mode']:9s} B={r['batch']:2d} C={r['channels']:3d}@{r['hw']:2d} {r['gate']:5s} d={r['density']:.2f} "
             f"dense {r['dense_ms']:8.2f} ms  gated {r['gated_over_dense']:.2f}x  compacted {r['compacted_over_dense']:.2f}x  "
-            f"slicing {r['slicing_over_dense']:.2f}x  target {r['target']:.2f}x  {'met' if r['met'] else 'MISSED'}")
+            f"slicing {r['slicing_over_dense']:.2f}x  (fastest rounds: gated {r['gated_best_over_dense']:.2f}x "
+            f"compacted {r['compacted_best_over_dense']:.2f}x slicing {r['slicing_best_over_dense']:.2f}x)  target {r['target']:.2f}x  {'met' if r['met'] else 'MISSED'}")
 
 
 def machine():
@@ -222,13 +228,17 @@ def write_outputs(rows, args, started):
         "",
         "## Inference",
         "",
+        "Each ratio is given as `median (fastest-round)`.",
+        "",
         "| B | C @ HW | gate | density | dense ms | gated | compacted | slicing | target | met |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in inf:
         lines.append(
             f"| {r['batch']} | {r['channels']} @ {r['hw']} | {r['gate']} | {r['density']:.2f} | {r['dense_ms']:.2f} | "
-            f"{r['gated_over_dense']:.2f}x | {r['compacted_over_dense']:.2f}x | {r['slicing_over_dense']:.2f}x | "
+            f"{r['gated_over_dense']:.2f}x ({r['gated_best_over_dense']:.2f}x) | "
+            f"{r['compacted_over_dense']:.2f}x ({r['compacted_best_over_dense']:.2f}x) | "
+            f"{r['slicing_over_dense']:.2f}x ({r['slicing_best_over_dense']:.2f}x) | "
             f"{r['target']:.2f}x | {'yes' if r['met'] else '**no**'} |"
         )
     lines += [
@@ -246,7 +256,7 @@ def write_outputs(rows, args, started):
     for r in train:
         lines.append(
             f"| {r['batch']} | {r['channels']} @ {r['hw']} | {r['density']:.2f} | {r['dense_ms']:.2f} | "
-            f"{r['gated_over_dense']:.2f}x | {'yes' if r['met'] else '**no**'} |"
+            f"{r['gated_over_dense']:.2f}x ({r['gated_best_over_dense']:.2f}x) | {'yes' if r['met'] else '**no**'} |"
         )
     lines += ["", f"Training targets met in {sum(r['met'] for r in train)} of {len(train)} rows.", ""]
     md_path = os.path.join(docs, "benchmarks_gated_conv2d.md")
@@ -262,7 +272,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    rounds = 15 if args.full else 5
+    rounds = 15 if args.full else 7
     rows = inference_rows([1, 32], rounds)
     rows += training_rows(32 if args.full else 8, DENSITIES if args.full else [0.25, 0.5], rounds)
     md_path, csv_path = write_outputs(rows, args, started)
