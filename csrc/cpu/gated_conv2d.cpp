@@ -152,13 +152,14 @@ void col2im_channels(const T* cols, int64_t n, const ConvGeometry& g, Acc* gx) {
 // dst[o, (i, k)] = weight[group's outs[o], ins[i], k] * (in_gate of ins[i], when given).
 template <typename T>
 void gather_weight(const T* weight, const ConvGeometry& g, int64_t grp, const int64_t* outs,
-                   int64_t n_out, const int64_t* ins, int64_t n_in, const T* in_gate_row, T* dst) {
+                   int64_t n_out, const int64_t* ins, int64_t n_in, const T* in_gate_row, T* dst,
+                   int64_t dst_stride) {
   const int64_t cin_g = g.in_channels_per_group(), kk = g.kernel_h * g.kernel_w;
   using acc_t = at::opmath_type<T>;
   parallel_rows(n_out, n_in * kk, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const T* w_row = weight + (grp * g.out_channels_per_group() + outs[o]) * cin_g * kk;
-      T* d = dst + o * n_in * kk;
+      T* d = dst + o * dst_stride;
       for (int64_t i = 0; i < n_in; ++i) {
         const T* s = w_row + ins[i] * kk;
         if (in_gate_row == nullptr) {
@@ -191,16 +192,34 @@ void gather_weight_transposed(const T* weight, const ConvGeometry& g, int64_t gr
   });
 }
 
+at::Tensor pad_if_asymmetric(const at::Tensor& x, const ConvGeometry& g) {
+  if (g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end) return x;
+  return at::constant_pad_nd(x, {g.pad_w_begin, g.pad_w_end, g.pad_h_begin, g.pad_h_end}, 0);
+}
+
+std::vector<int64_t> symmetric_padding(const ConvGeometry& g) {
+  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
+  return symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin} : std::vector<int64_t>{0, 0};
+}
+
+// Spatial kernels run each example's open channels through oneDNN's convolution; its channel counts
+// are rounded up to this quantum with zero planes and zero filters, so that the number of distinct
+// convolution shapes (each one a primitive oneDNN creates once and caches) stays small.
+constexpr int64_t kShapeQuantum = 16;
+
+int64_t round_up(int64_t n, int64_t quantum) { return (n + quantum - 1) / quantum * quantum; }
+
 // Per-thread scratch, sized for the largest group GEMM of the call.
 struct Workspace {
-  at::Tensor cols, weight, result, grad_rows, grad_rows_t, grad_cols, acc_planes, ungated;
+  at::Tensor cols, weight, result, planes, grad_rows, grad_rows_t, grad_cols, acc_planes, ungated;
 
   Workspace(const ConvGeometry& g, const at::TensorOptions& options, bool backward) {
     const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
     const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
     cols = at::empty({cin_g * kk * positions}, options);
-    weight = at::empty({cout_g * cin_g * kk}, options);
+    weight = at::empty({(cout_g + kShapeQuantum) * (cin_g + kShapeQuantum) * kk}, options);
     result = at::empty({cout_g * positions}, options);
+    planes = at::empty({(cin_g + kShapeQuantum) * g.in_h * g.in_w}, options);
     if (backward) {
       grad_rows = at::empty({cout_g * positions}, options);
       grad_rows_t = at::empty({cout_g * positions}, options);
@@ -238,6 +257,27 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
     at::Tensor result = Workspace::matrix(ws.result, n_out, positions);
     if (n_out > 0 && n_in == 0) {
       result.zero_();
+    } else if (n_out > 0 && !g.is_pointwise()) {
+      // The example's open input planes, its open filters (in_gate folded in), one oneDNN
+      // convolution. Padding channels are zero planes with zero filters: they add exact zeros.
+      const int64_t in_p = round_up(n_in, kShapeQuantum), out_p = round_up(n_out, kShapeQuantum);
+      const int64_t plane = g.in_h * g.in_w;
+      const T* x_g = x_b + grp * cin_g * plane;
+      at::Tensor planes = ws.planes.narrow(0, 0, in_p * plane).view({1, in_p, g.in_h, g.in_w});
+      T* pl = planes.data_ptr<T>();
+      parallel_rows(in_p, plane, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i < n_in) std::memcpy(pl + i * plane, x_g + in_list[i] * plane, plane * sizeof(T));
+          else std::fill(pl + i * plane, pl + (i + 1) * plane, T(0));
+        }
+      });
+      at::Tensor w_open = ws.weight.narrow(0, 0, out_p * in_p * kk);
+      w_open.zero_();
+      gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), in_p * kk);
+      result = at::conv2d(pad_if_asymmetric(planes, g), w_open.view({out_p, in_p, g.kernel_h, g.kernel_w}),
+                          {}, {g.stride_h, g.stride_w}, symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
+                   .contiguous()
+                   .view({out_p, positions});
     } else if (n_out > 0) {
       const bool every_input = n_in == cin_g;
       at::Tensor cols;
@@ -252,7 +292,7 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
         w_open = weight.view({g.out_channels, cin_g * kk}).narrow(0, grp * cout_g, cout_g);
       } else {
         w_open = Workspace::matrix(ws.weight, n_out, n_in * kk);
-        gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>());
+        gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), n_in * kk);
       }
       mm_into(w_open, cols, result);
     }
@@ -283,16 +323,6 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
       }
     });
   }
-}
-
-at::Tensor pad_if_asymmetric(const at::Tensor& x, const ConvGeometry& g) {
-  if (g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end) return x;
-  return at::constant_pad_nd(x, {g.pad_w_begin, g.pad_w_end, g.pad_h_begin, g.pad_h_end}, 0);
-}
-
-std::vector<int64_t> symmetric_padding(const ConvGeometry& g) {
-  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
-  return symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin} : std::vector<int64_t>{0, 0};
 }
 
 at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
