@@ -14,7 +14,7 @@ Targets: gated <= (1.2 * density + 0.05) x dense, and never slower than slicing.
 Training: forward + backward with gates requiring grad against the dense masked block under
 autograd; target <= 1.1x.
 
-Also measured: the compacted-GEMM path alone (``CONDKERNELS_GATED_DENSE_ABOVE=2``), to place the
+Also measured: the per-example compacted path alone (``CONDKERNELS_GATED_DENSE_ABOVE=2``), to place the
 density threshold of the dense path (``kDenseAboveWorkFraction`` in csrc/cpu/gated_conv2d.cpp).
 
     python bench/bench_gated_conv2d.py          # quick, a few minutes
@@ -280,8 +280,9 @@ def write_outputs(rows, args, started, device=None):
             )
     lines += [
         "",
-        "The dense path is taken above a work fraction of 0.35 (`kDenseAboveWorkFraction`): the compacted "
-        "column is below 1x mostly at density 0.25 and mostly above it from 0.5.",
+        "The forward takes the dense path above a work fraction of 0.6 (0.3 for output planes under 8x8), "
+        "the backward above 0.2 (`kDenseAbove*` in csrc/cpu/gated_conv2d.cpp), placed from the compacted "
+        "column of a previous run of this benchmark.",
         "",
         "## Training (forward + backward, gates requiring grad)",
         "",

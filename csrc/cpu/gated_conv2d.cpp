@@ -1,13 +1,18 @@
 // CPU kernels of gated_conv2d.
 //
-// Each example gets its own compacted lists of open input and output channels (per group). Its
-// convolution is then one GEMM per group, (open outputs) x (open inputs * kh * kw) x (H_out * W_out),
-// on an im2col of its open input channels only and a gathered slice of the weight with the in_gate
-// folded into it, so its work scales with its own open fraction. Examples run in parallel
+// Each example gets its own compacted lists of open input and output channels (per group), so its
+// work scales with its own open fraction, not the batch's union. Forward: a spatial kernel gathers
+// the example's open input planes and its open filters (in_gate folded into them) and runs one
+// oneDNN convolution on them (at::conv2d); a 1x1 kernel is one GEMM over the open channels. (An
+// im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
+// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat.)
+// Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
+// im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
+// for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
 // (at::parallel_for), each thread with its own buffers; with fewer examples than threads the
-// im2col, gathers and epilogues split their channels across threads and MKL threads the GEMM.
-// Above a measured fraction of the dense work, oneDNN's dense convolution plus the masks is faster
-// and is taken instead.
+// gathers, im2col and epilogues split their channels across threads and the library kernels
+// thread themselves. Above a measured fraction of the dense work the dense convolution plus masks
+// is taken instead.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,18 +31,25 @@
 namespace condkernels {
 namespace {
 
-// Fraction of the dense multiply-adds (averaged over examples and groups) above which the dense
-// convolution + masks is taken. From bench/bench_gated_conv2d.py on a 2-core AMD EPYC (AVX-512),
-// docs/benchmarks_gated_conv2d.md: the compacted GEMMs (MKL sgemm, ~0.4x of oneDNN's convolution
-// throughput on that CPU) beat the dense convolution at density 0.25 on most ResNet block shapes and
-// lose on most at 0.5.
-constexpr double kDenseAboveWorkFraction = 0.35;
+// Fractions of the dense multiply-adds (averaged over examples and groups) above which the dense
+// convolution + masks is taken, from bench/bench_gated_conv2d.py on a 2-core AMD EPYC (AVX-512),
+// docs/benchmarks_gated_conv2d.md, whose "compacted" column forces the per-example path:
+// - forward: it wins up to density 0.5 on every ResNet block shape but 512 @ 7x7 (mixed at 0.75);
+// - forward on small planes (under 8x8 outputs): reading the open filters once per example, not
+//   once per batch, makes it lose from 0.5 (wins or ties at 0.25);
+// - backward (MKL GEMMs): it measured 0.97-1.55x of the dense masked training step at 0.25.
+constexpr double kDenseAboveForward = 0.6;
+constexpr double kDenseAboveForwardSmallPlanes = 0.3;
+constexpr int64_t kSmallPlane = 64;
+constexpr double kDenseAboveBackward = 0.2;
 
-// CONDKERNELS_GATED_DENSE_ABOVE overrides the threshold (1 = never dense, -1 = always dense); the
+// CONDKERNELS_GATED_DENSE_ABOVE overrides the thresholds (2 = never dense, -1 = always dense); the
 // tests use it to run both paths and the benchmark to measure the crossover.
-double dense_above_work_fraction() {
+double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
   const char* env = std::getenv("CONDKERNELS_GATED_DENSE_ABOVE");
-  return env != nullptr ? std::atof(env) : kDenseAboveWorkFraction;
+  if (env != nullptr) return std::atof(env);
+  if (backward) return kDenseAboveBackward;
+  return g.out_h * g.out_w < kSmallPlane ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
 }
 
 // Open channels of one example, as indices local to their group, group after group.
@@ -376,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  if (fraction > dense_above_work_fraction()) {
+  if (fraction > dense_above_work_fraction(g, /*backward=*/false)) {
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
@@ -488,7 +500,7 @@ Grads gated_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_conv2d_backward_cpu", [&] {
     fraction = work_fraction(optional_data<scalar_t>(in_gate), optional_data<scalar_t>(out_gate), g);
   });
-  if (fraction > dense_above_work_fraction()) {
+  if (fraction > dense_above_work_fraction(g, /*backward=*/true)) {
     return dense_backward(grad_out, x, weight, bias, in_gate, out_gate, ungated, g, stride, dilation,
                           {need_x, need_w, need_b, need_ig, need_og});
   }
