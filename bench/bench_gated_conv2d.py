@@ -241,6 +241,11 @@ def write_outputs(rows, args, started, device=None):
         "shared, so only ratios measured side by side are meaningful). 3x3 convolutions, stride 1, padding 1, "
         "float32, per-example random binary gates with exactly `density * C` open channels.",
         "",
+        "The intended setting is `--threads 2`; on a 2-core machine shared with other work (load average "
+        "well above 2) two OpenMP threads spend most of each parallel region waiting for a descheduled "
+        "thread (a 2 ms convolution measured 80 ms), so such runs use `--threads 1`, which every column "
+        "shares.",
+        "",
         "Columns: **gated** = `condkernels.gated_conv2d` as shipped (dense path above the work-fraction "
         "threshold); **compacted** = the per-example compacted-GEMM path forced at every density; "
         "**slicing** = the per-example weight-slicing loop in Python. Target: gated <= (1.2 d + 0.05) x dense "
