@@ -247,7 +247,7 @@ def write_outputs(rows, args, started, device=None):
         "shares.",
         "",
         "Columns: **gated** = `condkernels.gated_conv2d` as shipped (dense path above the work-fraction "
-        "threshold); **compacted** = the per-example compacted-GEMM path forced at every density; "
+        "threshold); **compacted** = the per-example compacted path (oneDNN convolution of the open channels) forced at every density; "
         "**slicing** = the per-example weight-slicing loop in Python. Target: gated <= (1.2 d + 0.05) x dense "
         "and gated <= slicing.",
         "",
