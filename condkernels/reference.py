@@ -46,3 +46,24 @@ def cond_conv2d(
     if bias is not None:
         y = y + (routing @ bias)[:, :, None, None]
     return y.contiguous(memory_format=memory_format_of(x))
+
+
+def gated_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    in_gate: Optional[Tensor],
+    out_gate: Optional[Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """The dense masked formulation ``out_gate * (conv2d(in_gate * x, weight) + bias)``: every
+    channel of every example is computed and closed ones are multiplied by their zero gate."""
+    if in_gate is not None:
+        x = x * in_gate[:, :, None, None]
+    y = F.conv2d(pad_input(x, padding), weight, bias, tuple(stride), 0, tuple(dilation), groups)
+    if out_gate is not None:
+        y = y * out_gate[:, :, None, None]
+    return y.contiguous(memory_format=memory_format_of(x))

@@ -1,0 +1,670 @@
+// CPU kernels of gated_conv2d.
+//
+// Each example gets its own compacted lists of open input and output channels (per group), so its
+// work scales with its own open fraction, not the batch's union. Forward: a spatial kernel gathers
+// the example's open input planes and its open filters (in_gate folded into them) and runs one
+// oneDNN convolution on them (at::conv2d); a 1x1 kernel is one GEMM over the open channels. (An
+// im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
+// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat.)
+// Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
+// im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
+// for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
+// (at::parallel_for), each thread with its own buffers; with fewer examples than threads the
+// gathers, im2col and epilogues split their channels across threads and the library kernels
+// thread themselves. Above a measured fraction of the dense work the dense convolution plus masks
+// is taken instead.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "common/gated_channels.h"
+#include "ops/gated_conv2d.h"
+
+namespace condkernels {
+namespace {
+
+// Fractions of the dense multiply-adds (averaged over examples and groups) above which the dense
+// convolution + masks is taken, from bench/bench_gated_conv2d.py on a 2-core AMD EPYC (AVX-512),
+// docs/benchmarks_gated_conv2d.md, whose "compacted" column forces the per-example path:
+// - forward: it wins up to density 0.5 on every ResNet block shape but 512 @ 7x7 (mixed at 0.75);
+// - forward on small planes (under 8x8 outputs): reading the open filters once per example, not
+//   once per batch, makes it lose from 0.5 (wins or ties at 0.25);
+// - backward (MKL GEMMs): it measured 0.97-1.55x of the dense masked training step at 0.25.
+constexpr double kDenseAboveForward = 0.6;
+constexpr double kDenseAboveForwardSmallPlanes = 0.3;
+constexpr int64_t kSmallPlane = 64;
+constexpr double kDenseAboveBackward = 0.2;
+
+// CONDKERNELS_GATED_DENSE_ABOVE overrides the thresholds (2 = never dense, -1 = always dense); the
+// tests use it to run both paths and the benchmark to measure the crossover.
+double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
+  const char* env = std::getenv("CONDKERNELS_GATED_DENSE_ABOVE");
+  if (env != nullptr) return std::atof(env);
+  if (backward) return kDenseAboveBackward;
+  return g.out_h * g.out_w < kSmallPlane ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
+}
+
+// Open channels of one example, as indices local to their group, group after group.
+struct OpenChannels {
+  std::vector<int64_t> index;
+  std::vector<int64_t> start;  // group g's channels are index[start[g] .. start[g + 1])
+
+  template <typename T>
+  void build(const T* gate_row, int64_t channels, int64_t groups) {
+    const int64_t per_group = channels / groups;
+    index.clear();
+    start.assign(groups + 1, 0);
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      start[grp] = static_cast<int64_t>(index.size());
+      for (int64_t c = 0; c < per_group; ++c)
+        if (gate_row == nullptr || gate_is_open(gate_row[grp * per_group + c])) index.push_back(c);
+    }
+    start[groups] = static_cast<int64_t>(index.size());
+  }
+  const int64_t* of(int64_t grp) const { return index.data() + start[grp]; }
+  int64_t count(int64_t grp) const { return start[grp + 1] - start[grp]; }
+};
+
+// Mean over examples and groups of (open inputs / inputs) * (open outputs / outputs): the share of
+// the dense multiply-adds the compacted GEMMs do. A null gate counts as all open.
+template <typename T>
+double work_fraction(const T* in_gate, const T* out_gate, const ConvGeometry& g) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  double total = 0;
+  for (int64_t b = 0; b < g.batch; ++b) {
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      int64_t n_in = cin_g, n_out = cout_g;
+      if (in_gate != nullptr) {
+        n_in = 0;
+        for (int64_t c = 0; c < cin_g; ++c)
+          n_in += gate_is_open(in_gate[b * g.in_channels + grp * cin_g + c]);
+      }
+      if (out_gate != nullptr) {
+        n_out = 0;
+        for (int64_t c = 0; c < cout_g; ++c)
+          n_out += gate_is_open(out_gate[b * g.out_channels + grp * cout_g + c]);
+      }
+      total += static_cast<double>(n_in) / cin_g * static_cast<double>(n_out) / cout_g;
+    }
+  }
+  return total / static_cast<double>(g.batch * g.groups);
+}
+
+// Splits `n` rows of `row_cost` elements across threads when not already inside a parallel region.
+template <typename F>
+void parallel_rows(int64_t n, int64_t row_cost, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_cost, 1));
+  at::parallel_for(0, n, grain, f);
+}
+
+// cols[(i, kh, kw), (oh, ow)] = x[chans[i]] at the input pixel tap (kh, kw) of output (oh, ow) reads,
+// 0 in the padding. `xg` points at the group's first channel of one example.
+template <typename T>
+void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeometry& g, T* cols) {
+  const int64_t kw_n = g.kernel_w, kk = g.kernel_h * g.kernel_w;
+  const int64_t out_w = g.out_w, positions = g.out_h * g.out_w, in_w = g.in_w;
+  parallel_rows(n * kk, positions, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t kh = (r % kk) / kw_n, kw = r % kw_n;
+      const T* src = xg + chans[r / kk] * g.in_h * in_w;
+      T* dst = cols + r * positions;
+      const TapRange rows = valid_out_range(g.in_h, g.out_h, g.stride_h, g.pad_h_begin, kh * g.dilation_h);
+      const TapRange cs = valid_out_range(in_w, out_w, g.stride_w, g.pad_w_begin, kw * g.dilation_w);
+      std::fill(dst, dst + rows.begin * out_w, T(0));
+      for (int64_t oh = rows.begin; oh < rows.end; ++oh) {
+        const T* src_row = src + g.in_row(oh, kh) * in_w;
+        T* d = dst + oh * out_w;
+        std::fill(d, d + cs.begin, T(0));
+        if (g.stride_w == 1) {
+          if (cs.end > cs.begin)
+            std::memcpy(d + cs.begin, src_row + g.in_col(cs.begin, kw), (cs.end - cs.begin) * sizeof(T));
+        } else {
+          for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[ow] = src_row[g.in_col(ow, kw)];
+        }
+        std::fill(d + cs.end, d + out_w, T(0));
+      }
+      std::fill(dst + rows.end * out_w, dst + positions, T(0));
+    }
+  });
+}
+
+// The adjoint of im2col_channels: gx[i] += every column entry that channel chans[i] fed. gx holds
+// `n` zeroed planes of in_h * in_w in the accumulation type.
+template <typename T, typename Acc>
+void col2im_channels(const T* cols, int64_t n, const ConvGeometry& g, Acc* gx) {
+  const int64_t kk = g.kernel_h * g.kernel_w, out_w = g.out_w, positions = g.out_h * g.out_w;
+  const int64_t plane = g.in_h * g.in_w;
+  parallel_rows(n, kk * positions, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      Acc* dst = gx + i * plane;
+      for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+        const TapRange rows = valid_out_range(g.in_h, g.out_h, g.stride_h, g.pad_h_begin, kh * g.dilation_h);
+        for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+          const TapRange cs = valid_out_range(g.in_w, out_w, g.stride_w, g.pad_w_begin, kw * g.dilation_w);
+          const T* src = cols + (i * kk + kh * g.kernel_w + kw) * positions;
+          for (int64_t oh = rows.begin; oh < rows.end; ++oh) {
+            Acc* d = dst + g.in_row(oh, kh) * g.in_w;
+            const T* s = src + oh * out_w;
+            for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[g.in_col(ow, kw)] += static_cast<Acc>(s[ow]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// dst[o, (i, k)] = weight[group's outs[o], ins[i], k] * (in_gate of ins[i], when given).
+template <typename T>
+void gather_weight(const T* weight, const ConvGeometry& g, int64_t grp, const int64_t* outs,
+                   int64_t n_out, const int64_t* ins, int64_t n_in, const T* in_gate_row, T* dst,
+                   int64_t dst_stride) {
+  const int64_t cin_g = g.in_channels_per_group(), kk = g.kernel_h * g.kernel_w;
+  using acc_t = at::opmath_type<T>;
+  parallel_rows(n_out, n_in * kk, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* w_row = weight + (grp * g.out_channels_per_group() + outs[o]) * cin_g * kk;
+      T* d = dst + o * dst_stride;
+      for (int64_t i = 0; i < n_in; ++i) {
+        const T* s = w_row + ins[i] * kk;
+        if (in_gate_row == nullptr) {
+          std::memcpy(d + i * kk, s, kk * sizeof(T));
+        } else {
+          const acc_t scale = static_cast<acc_t>(in_gate_row[grp * cin_g + ins[i]]);
+          for (int64_t k = 0; k < kk; ++k) d[i * kk + k] = static_cast<T>(static_cast<acc_t>(s[k]) * scale);
+        }
+      }
+    }
+  });
+}
+
+// c = a @ b into a preallocated buffer: MKL for float32/float64, oneDNN for bfloat16. (A
+// register-blocked AVX-512 kernel was tried here and ran at ~0.6x of MKL's sgemm on the benchmark
+// CPU, so the library GEMM stays.)
+void mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& c) { at::mm_out(c, a, b); }
+
+// dst[(i, k), o] = weight[group's outs[o], ins[i], k]: the transposed gather the input gradient needs.
+template <typename T>
+void gather_weight_transposed(const T* weight, const ConvGeometry& g, int64_t grp, const int64_t* outs,
+                              int64_t n_out, const int64_t* ins, int64_t n_in, T* dst) {
+  const int64_t cin_g = g.in_channels_per_group(), kk = g.kernel_h * g.kernel_w;
+  parallel_rows(n_in, n_out * kk, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t o = 0; o < n_out; ++o) {
+        const T* s = weight + ((grp * g.out_channels_per_group() + outs[o]) * cin_g + ins[i]) * kk;
+        for (int64_t k = 0; k < kk; ++k) dst[(i * kk + k) * n_out + o] = s[k];
+      }
+  });
+}
+
+at::Tensor pad_if_asymmetric(const at::Tensor& x, const ConvGeometry& g) {
+  if (g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end) return x;
+  return at::constant_pad_nd(x, {g.pad_w_begin, g.pad_w_end, g.pad_h_begin, g.pad_h_end}, 0);
+}
+
+std::vector<int64_t> symmetric_padding(const ConvGeometry& g) {
+  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
+  return symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin} : std::vector<int64_t>{0, 0};
+}
+
+// Spatial kernels run each example's open channels through oneDNN's convolution; its channel counts
+// are rounded up to this quantum with zero planes and zero filters, so that the number of distinct
+// convolution shapes (each one a primitive oneDNN creates once and caches) stays small.
+constexpr int64_t kShapeQuantum = 16;
+
+int64_t round_up(int64_t n, int64_t quantum) { return (n + quantum - 1) / quantum * quantum; }
+
+// Per-thread scratch, sized for the largest group GEMM of the call.
+struct Workspace {
+  at::Tensor cols, weight, result, planes, grad_rows, grad_rows_t, grad_cols, acc_planes, ungated;
+
+  Workspace(const ConvGeometry& g, const at::TensorOptions& options, bool backward) {
+    const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
+    const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+    cols = at::empty({cin_g * kk * positions}, options);
+    weight = at::empty({(cout_g + kShapeQuantum) * (cin_g + kShapeQuantum) * kk}, options);
+    result = at::empty({cout_g * positions}, options);
+    planes = at::empty({(cin_g + kShapeQuantum) * g.in_h * g.in_w}, options);
+    if (backward) {
+      grad_rows = at::empty({cout_g * positions}, options);
+      grad_rows_t = at::empty({cout_g * positions}, options);
+      grad_cols = at::empty({cin_g * kk * positions}, options);
+      acc_planes = at::empty({cin_g * g.in_h * g.in_w},
+                             options.dtype(at::toOpMathType(options.dtype().toScalarType())));
+      ungated = at::empty({g.out_channels * positions}, options);
+    }
+  }
+  static at::Tensor matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+    return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+};
+
+// One example's forward. Writes y_b = out_gate * (conv + bias), closed outputs as 0, and, when
+// `ungated_b` is given, conv + bias of every output channel (then every output is computed).
+// Either of y_b / ungated_b may be null.
+template <typename T>
+void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, const T* bias,
+                     const T* in_gate_row, const T* out_gate_row, const ConvGeometry& g,
+                     Workspace& ws, OpenChannels& ins, OpenChannels& outs, T* y_b, T* ungated_b) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
+  const bool all_outputs = ungated_b != nullptr;
+  ins.build(in_gate_row, g.in_channels, g.groups);
+  outs.build(all_outputs ? static_cast<const T*>(nullptr) : out_gate_row, g.out_channels, g.groups);
+  const T* x_b = x.data_ptr<T>() + b * g.in_channels * g.in_h * g.in_w;
+  const T* w = weight.data_ptr<T>();
+
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    const int64_t n_in = ins.count(grp), n_out = outs.count(grp);
+    const int64_t* in_list = ins.of(grp);
+    const int64_t* out_list = outs.of(grp);
+    at::Tensor result = Workspace::matrix(ws.result, n_out, positions);
+    if (n_out > 0 && n_in == 0) {
+      result.zero_();
+    } else if (n_out > 0 && !g.is_pointwise()) {
+      // The example's open input planes, its open filters (in_gate folded in), one oneDNN
+      // convolution. Padding channels are zero planes with zero filters: they add exact zeros.
+      const int64_t in_p = round_up(n_in, kShapeQuantum), out_p = round_up(n_out, kShapeQuantum);
+      const int64_t plane = g.in_h * g.in_w;
+      const T* x_g = x_b + grp * cin_g * plane;
+      at::Tensor planes = ws.planes.narrow(0, 0, in_p * plane).view({1, in_p, g.in_h, g.in_w});
+      T* pl = planes.data_ptr<T>();
+      parallel_rows(in_p, plane, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i < n_in) std::memcpy(pl + i * plane, x_g + in_list[i] * plane, plane * sizeof(T));
+          else std::fill(pl + i * plane, pl + (i + 1) * plane, T(0));
+        }
+      });
+      at::Tensor w_open = ws.weight.narrow(0, 0, out_p * in_p * kk);
+      w_open.zero_();
+      gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), in_p * kk);
+      result = at::conv2d(pad_if_asymmetric(planes, g), w_open.view({out_p, in_p, g.kernel_h, g.kernel_w}),
+                          {}, {g.stride_h, g.stride_w}, symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
+                   .contiguous()
+                   .view({out_p, positions});
+    } else if (n_out > 0) {
+      const bool every_input = n_in == cin_g;
+      at::Tensor cols;
+      if (g.is_pointwise() && every_input) {
+        cols = x[b].view({g.in_channels, positions}).narrow(0, grp * cin_g, cin_g);
+      } else {
+        cols = Workspace::matrix(ws.cols, n_in * kk, positions);
+        im2col_channels(x_b + grp * cin_g * g.in_h * g.in_w, in_list, n_in, g, cols.data_ptr<T>());
+      }
+      at::Tensor w_open;
+      if (every_input && n_out == cout_g && in_gate_row == nullptr) {
+        w_open = weight.view({g.out_channels, cin_g * kk}).narrow(0, grp * cout_g, cout_g);
+      } else {
+        w_open = Workspace::matrix(ws.weight, n_out, n_in * kk);
+        gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), n_in * kk);
+      }
+      mm_into(w_open, cols, result);
+    }
+    // Epilogue: bias, out_gate, and zeros for the closed outputs.
+    const T* res = result.data_ptr<T>();
+    parallel_rows(cout_g, positions, [&](int64_t c0, int64_t c1) {
+      // out_list is sorted: find the first open output at or after c0.
+      int64_t o = std::lower_bound(out_list, out_list + n_out, c0) - out_list;
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t co = grp * cout_g + c;
+        T* y_row = y_b != nullptr ? y_b + co * positions : nullptr;
+        if (o < n_out && out_list[o] == c) {
+          const T* r = res + o * positions;
+          const acc_t bv = bias != nullptr ? static_cast<acc_t>(bias[co]) : acc_t(0);
+          const acc_t gate = out_gate_row != nullptr ? static_cast<acc_t>(out_gate_row[co]) : acc_t(1);
+          // Computed only for its ungated value: the gated output stays exactly 0.
+          const bool closed = !gate_is_open(gate);
+          T* u_row = ungated_b != nullptr ? ungated_b + co * positions : nullptr;
+          for (int64_t p = 0; p < positions; ++p) {
+            const T z = static_cast<T>(static_cast<acc_t>(r[p]) + bv);
+            if (u_row != nullptr) u_row[p] = z;
+            if (y_row != nullptr) y_row[p] = closed ? T(0) : static_cast<T>(static_cast<acc_t>(z) * gate);
+          }
+          ++o;
+        } else if (y_row != nullptr) {
+          std::fill(y_row, y_row + positions, T(0));
+        }
+      }
+    });
+  }
+}
+
+at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
+
+// t * gate per channel, exactly 0 where the gate is closed (as the compacted path, which never
+// reads a closed channel, so inf/NaN there do not leak).
+at::Tensor gated(const at::Tensor& t, const at::Tensor& gate) {
+  const at::Tensor scale = channel_scale(gate);
+  return at::where(scale == 0, at::zeros({}, t.options()), t * scale);
+}
+
+// The dense formulation, for gates open enough that oneDNN's convolution beats the compaction.
+at::Tensor dense_ungated(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_gate,
+                         const ConvGeometry& g, c10::IntArrayRef stride, c10::IntArrayRef dilation) {
+  const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
+  return at::conv2d(pad_if_asymmetric(x_gated, g), weight, bias, stride, symmetric_padding(g),
+                    dilation, g.groups);
+}
+
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// Forward of both schemas; `with_ungated` computes every output channel and returns it ungated too.
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                const std::optional<at::Tensor>& bias_in,
+                                                const std::optional<at::Tensor>& in_gate_in,
+                                                const std::optional<at::Tensor>& out_gate_in,
+                                                c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                c10::IntArrayRef dilation, int64_t groups,
+                                                bool with_ungated) {
+  const ConvGeometry g = check_gated_conv2d_args(x_in, weight_in, bias_in, in_gate_in, out_gate_in,
+                                                 stride, padding, dilation, groups);
+  const auto memory_format = x_in.suggest_memory_format();
+  const auto out_options = x_in.options().memory_format(memory_format);
+  if (g.batch == 0) {
+    const std::vector<int64_t> shape{0, g.out_channels, g.out_h, g.out_w};
+    return {at::empty(shape, out_options), with_ungated ? at::empty(shape, out_options) : at::Tensor()};
+  }
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const auto bias = contiguous(bias_in), in_gate = contiguous(in_gate_in), out_gate = contiguous(out_gate_in);
+
+  double fraction = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_conv2d_cpu", [&] {
+    fraction = work_fraction(optional_data<scalar_t>(in_gate),
+                             with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
+  });
+  if (fraction > dense_above_work_fraction(g, /*backward=*/false)) {
+    at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
+    if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
+    return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
+  }
+
+  const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
+  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor ungated = with_ungated ? at::empty(shape, x.options()) : at::Tensor();
+  const int64_t out_numel = g.out_channels * g.out_h * g.out_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_conv2d_cpu", [&] {
+    const scalar_t* bias_p = optional_data<scalar_t>(bias);
+    const scalar_t* in_gate_p = optional_data<scalar_t>(in_gate);
+    const scalar_t* out_gate_p = optional_data<scalar_t>(out_gate);
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    scalar_t* u_p = with_ungated ? ungated.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+      // Worker threads do not inherit the caller's dispatch state: keep the buffers' GEMMs out of
+      // autograd here too.
+      at::AutoDispatchBelowAutograd below_autograd;
+      Workspace ws(g, x.options(), /*backward=*/false);
+      OpenChannels ins, outs;
+      for (int64_t b = b0; b < b1; ++b) {
+        forward_example<scalar_t>(x, b, weight, bias_p,
+                                  in_gate_p ? in_gate_p + b * g.in_channels : nullptr,
+                                  out_gate_p ? out_gate_p + b * g.out_channels : nullptr, g, ws, ins,
+                                  outs, y_p + b * out_numel, u_p ? u_p + b * out_numel : nullptr);
+      }
+    });
+  });
+  return {y.contiguous(memory_format), with_ungated ? ungated.contiguous(memory_format) : at::Tensor()};
+}
+
+at::Tensor gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& in_gate,
+                            const std::optional<at::Tensor>& out_gate, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  return std::get<0>(forward_impl(x, weight, bias, in_gate, out_gate, stride, padding, dilation,
+                                  groups, /*with_ungated=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_conv2d_with_ungated_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& in_gate, const std::optional<at::Tensor>& out_gate,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  return forward_impl(x, weight, bias, in_gate, out_gate, stride, padding, dilation, groups,
+                      /*with_ungated=*/true);
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward of the dense formulation, for gates open enough that oneDNN wins.
+Grads dense_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_gate,
+                     const std::optional<at::Tensor>& out_gate, const std::optional<at::Tensor>& ungated,
+                     const ConvGeometry& g, c10::IntArrayRef stride, c10::IntArrayRef dilation,
+                     std::array<bool, 5> mask) {
+  auto empty = [&] { return x.new_empty({0}); };
+  const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
+  const at::Tensor grad_ungated = out_gate ? grad_out * channel_scale(*out_gate) : grad_out;
+  const at::Tensor x_padded = pad_if_asymmetric(x_gated, g);
+  const bool need_input_grad = mask[0] || mask[3];
+  const bool need_bias_grad = mask[2] && bias.has_value();
+  auto [grad_x_gated, grad_weight, grad_bias] = at::convolution_backward(
+      grad_ungated, x_padded, weight, std::vector<int64_t>{g.out_channels}, stride,
+      symmetric_padding(g), dilation, false, {0, 0}, g.groups,
+      {need_input_grad, mask[1], need_bias_grad});
+  at::Tensor gx = empty(), gw = mask[1] ? grad_weight : empty(), gb = need_bias_grad ? grad_bias : empty();
+  at::Tensor gig = empty(), gog = empty();
+  if (need_input_grad) {
+    if (x_padded.size(2) != g.in_h || x_padded.size(3) != g.in_w)
+      grad_x_gated = grad_x_gated.slice(2, g.pad_h_begin, g.pad_h_begin + g.in_h)
+                         .slice(3, g.pad_w_begin, g.pad_w_begin + g.in_w);
+    if (mask[0]) gx = (in_gate ? grad_x_gated * channel_scale(*in_gate) : grad_x_gated.clone())
+                          .contiguous(x.suggest_memory_format());
+    if (mask[3]) gig = (grad_x_gated * x).sum({2, 3});
+  }
+  if (mask[4]) {
+    const at::Tensor z = ungated ? *ungated : dense_ungated(x, weight, bias, in_gate, g, stride, dilation);
+    gog = (grad_out * z).sum({2, 3});
+  }
+  return {gx, gw, gb, gig, gog};
+}
+
+// mask = which gradients to compute: (x, weight, bias, in_gate, out_gate).
+Grads gated_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+                                const std::optional<at::Tensor>& in_gate_in,
+                                const std::optional<at::Tensor>& out_gate_in,
+                                const std::optional<at::Tensor>& ungated_in, c10::IntArrayRef stride,
+                                c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                std::array<bool, 5> mask) {
+  const ConvGeometry g = check_gated_conv2d_backward_args(grad_out_in, x_in, weight_in, bias_in,
+                                                          in_gate_in, out_gate_in, ungated_in,
+                                                          stride, padding, dilation, groups);
+  auto empty = [&] { return x_in.new_empty({0}); };
+  const bool need_x = mask[0], need_w = mask[1], need_b = mask[2] && bias_in.has_value();
+  const bool need_ig = mask[3] && in_gate_in.has_value(), need_og = mask[4] && out_gate_in.has_value();
+  if (g.batch == 0) {
+    return {need_x ? at::zeros_like(x_in) : empty(), need_w ? at::zeros_like(weight_in) : empty(),
+            need_b ? at::zeros_like(*bias_in) : empty(), need_ig ? at::zeros_like(*in_gate_in) : empty(),
+            need_og ? at::zeros_like(*out_gate_in) : empty()};
+  }
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), grad_out = grad_out_in.contiguous();
+  const auto bias = contiguous(bias_in), in_gate = contiguous(in_gate_in), out_gate = contiguous(out_gate_in);
+  const auto ungated = contiguous(ungated_in);
+
+  double fraction = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_conv2d_backward_cpu", [&] {
+    fraction = work_fraction(optional_data<scalar_t>(in_gate), optional_data<scalar_t>(out_gate), g);
+  });
+  if (fraction > dense_above_work_fraction(g, /*backward=*/true)) {
+    return dense_backward(grad_out, x, weight, bias, in_gate, out_gate, ungated, g, stride, dilation,
+                          {need_x, need_w, need_b, need_ig, need_og});
+  }
+
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
+  const auto acc_dtype = at::toOpMathType(x.scalar_type());
+  const int64_t threads = at::get_num_threads();
+  at::Tensor grad_x = need_x ? at::empty_like(x) : empty();
+  at::Tensor grad_ig = need_ig ? at::empty_like(*in_gate) : empty();
+  at::Tensor grad_og = need_og ? at::empty_like(*out_gate) : empty();
+  // Weight and bias gradients sum over examples: one accumulator per thread, reduced at the end.
+  at::Tensor acc_w = need_w ? at::zeros({threads, g.out_channels, cin_g * kk}, x.options().dtype(acc_dtype)) : empty();
+  at::Tensor acc_b = need_b ? at::zeros({threads, g.out_channels}, x.options().dtype(acc_dtype)) : empty();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gated_conv2d_backward_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = at::opmath_type<T>;
+    const T* x_p = x.data_ptr<T>();
+    const T* w_p = weight.data_ptr<T>();
+    const T* go_p = grad_out.data_ptr<T>();
+    const T* bias_p = optional_data<T>(bias);
+    const T* ig_p = optional_data<T>(in_gate);
+    const T* og_p = optional_data<T>(out_gate);
+    const T* u_p = optional_data<T>(ungated);
+    at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+      at::AutoDispatchBelowAutograd below_autograd;
+      Workspace ws(g, x.options(), /*backward=*/true);
+      OpenChannels ins, outs, rows;
+      const int64_t tid = at::get_thread_num();
+      acc_t* acc_w_t = need_w ? acc_w.data_ptr<acc_t>() + tid * g.out_channels * cin_g * kk : nullptr;
+      acc_t* acc_b_t = need_b ? acc_b.data_ptr<acc_t>() + tid * g.out_channels : nullptr;
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* x_b = x_p + b * g.in_channels * plane;
+        const T* go_b = go_p + b * g.out_channels * positions;
+        const T* ig_row = ig_p ? ig_p + b * g.in_channels : nullptr;
+        const T* og_row = og_p ? og_p + b * g.out_channels : nullptr;
+        if (need_og) {
+          // d out_gate = <grad_out, conv + bias> over the plane, for closed channels too.
+          const T* z_b = u_p ? u_p + b * g.out_channels * positions : nullptr;
+          if (z_b == nullptr) {
+            T* scratch = ws.ungated.data_ptr<T>();
+            forward_example<T>(x, b, weight, bias_p, ig_row, og_row, g, ws, ins, outs, nullptr, scratch);
+            z_b = scratch;
+          }
+          T* gog_b = grad_og.data_ptr<T>() + b * g.out_channels;
+          parallel_rows(g.out_channels, positions, [&](int64_t c0, int64_t c1) {
+            for (int64_t c = c0; c < c1; ++c) {
+              acc_t s = 0;
+              for (int64_t p = 0; p < positions; ++p)
+                s += static_cast<acc_t>(go_b[c * positions + p]) * static_cast<acc_t>(z_b[c * positions + p]);
+              gog_b[c] = static_cast<T>(s);
+            }
+          });
+        }
+        ins.build(ig_row, g.in_channels, g.groups);
+        outs.build(og_row, g.out_channels, g.groups);
+        // The input-side gradient is needed at every input channel only when in_gate learns.
+        rows.build(need_ig ? nullptr : ig_row, g.in_channels, g.groups);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          const int64_t n_in = ins.count(grp), n_out = outs.count(grp), n_rows = rows.count(grp);
+          const int64_t* in_list = ins.of(grp);
+          const int64_t* out_list = outs.of(grp);
+          const int64_t* row_list = rows.of(grp);
+          const T* x_g = x_b + grp * cin_g * plane;
+          // grad of the ungated output: grad_out * out_gate on the open outputs (closed ones are 0).
+          at::Tensor grad_z;
+          if (og_row == nullptr) {
+            grad_z = grad_out[b].view({g.out_channels, positions}).narrow(0, grp * cout_g, cout_g);
+          } else {
+            grad_z = Workspace::matrix(ws.grad_rows, n_out, positions);
+            T* gz = grad_z.data_ptr<T>();
+            parallel_rows(n_out, positions, [&](int64_t o0, int64_t o1) {
+              for (int64_t o = o0; o < o1; ++o) {
+                const int64_t co = grp * cout_g + out_list[o];
+                const acc_t gate = static_cast<acc_t>(og_row[co]);
+                for (int64_t p = 0; p < positions; ++p)
+                  gz[o * positions + p] = static_cast<T>(static_cast<acc_t>(go_b[co * positions + p]) * gate);
+              }
+            });
+          }
+          const T* gz_p = grad_z.data_ptr<T>();
+          const int64_t gz_stride = grad_z.stride(0);
+          if (need_b) {
+            for (int64_t o = 0; o < n_out; ++o) {
+              acc_t s = 0;
+              for (int64_t p = 0; p < positions; ++p) s += static_cast<acc_t>(gz_p[o * gz_stride + p]);
+              acc_b_t[grp * cout_g + out_list[o]] += s;
+            }
+          }
+          if (need_x || need_ig) {
+            acc_t* gxg = ws.acc_planes.data_ptr<acc_t>();
+            std::fill(gxg, gxg + n_rows * plane, acc_t(0));
+            if (n_out > 0 && n_rows > 0) {
+              at::Tensor w_rows_t = Workspace::matrix(ws.weight, n_rows * kk, n_out);
+              gather_weight_transposed<T>(w_p, g, grp, out_list, n_out, row_list, n_rows, w_rows_t.data_ptr<T>());
+              at::Tensor grad_cols = Workspace::matrix(ws.grad_cols, n_rows * kk, positions);
+              mm_into(w_rows_t, grad_z, grad_cols);
+              col2im_channels(grad_cols.data_ptr<T>(), n_rows, g, gxg);
+            }
+            // Every channel of the group: rows get in_gate * grad, the others (closed, in_gate not
+            // learning) get 0.
+            parallel_rows(cin_g, plane, [&](int64_t c0, int64_t c1) {
+              int64_t r = std::lower_bound(row_list, row_list + n_rows, c0) - row_list;
+              for (int64_t c = c0; c < c1; ++c) {
+                const int64_t ci = grp * cin_g + c;
+                T* gx_row = need_x ? grad_x.data_ptr<T>() + (b * g.in_channels + ci) * plane : nullptr;
+                if (r < n_rows && row_list[r] == c) {
+                  const acc_t* src = gxg + r * plane;
+                  if (need_ig) {
+                    acc_t s = 0;
+                    for (int64_t p = 0; p < plane; ++p) s += src[p] * static_cast<acc_t>(x_g[c * plane + p]);
+                    grad_ig.data_ptr<T>()[b * g.in_channels + ci] = static_cast<T>(s);
+                  }
+                  if (gx_row != nullptr) {
+                    const acc_t gate = ig_row != nullptr ? static_cast<acc_t>(ig_row[ci]) : acc_t(1);
+                    for (int64_t p = 0; p < plane; ++p) gx_row[p] = static_cast<T>(src[p] * gate);
+                  }
+                  ++r;
+                } else if (gx_row != nullptr) {
+                  std::fill(gx_row, gx_row + plane, T(0));
+                }
+              }
+            });
+          }
+          if (need_w && n_out > 0 && n_in > 0) {
+            at::Tensor cols;
+            if (g.is_pointwise() && n_in == cin_g) {
+              cols = x[b].view({g.in_channels, positions}).narrow(0, grp * cin_g, cin_g);
+            } else {
+              cols = Workspace::matrix(ws.cols, n_in * kk, positions);
+              im2col_channels(x_g, in_list, n_in, g, cols.data_ptr<T>());
+            }
+            // grad_weight^T over the open block = cols (n_in*kk x P) @ grad_z^T (P x n_out).
+            at::Tensor grad_z_t = Workspace::matrix(ws.grad_rows_t, positions, n_out);
+            grad_z_t.copy_(grad_z.t());
+            at::Tensor grad_w_open_t = Workspace::matrix(ws.weight, n_in * kk, n_out);
+            mm_into(cols, grad_z_t, grad_w_open_t);
+            const T* gw = grad_w_open_t.data_ptr<T>();
+            for (int64_t i = 0; i < n_in; ++i) {
+              const acc_t gate = ig_row != nullptr ? static_cast<acc_t>(ig_row[grp * cin_g + in_list[i]]) : acc_t(1);
+              for (int64_t o = 0; o < n_out; ++o) {
+                acc_t* d = acc_w_t + ((grp * cout_g + out_list[o]) * cin_g + in_list[i]) * kk;
+                for (int64_t k = 0; k < kk; ++k)
+                  d[k] += static_cast<acc_t>(gw[(i * kk + k) * n_out + o]) * gate;
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+  at::Tensor grad_w = need_w ? acc_w.sum(0).to(x.scalar_type()).view_as(weight) : empty();
+  at::Tensor grad_b = need_b ? acc_b.sum(0).to(x.scalar_type()) : empty();
+  if (need_x) grad_x = grad_x.contiguous(x_in.suggest_memory_format());
+  return {grad_x, grad_w, grad_b, grad_ig, grad_og};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(condkernels, CPU, m) {
+  m.impl("gated_conv2d", &gated_conv2d_cpu);
+  m.impl("_gated_conv2d_with_ungated", &gated_conv2d_with_ungated_cpu);
+  m.impl("_gated_conv2d_backward", &gated_conv2d_backward_cpu);
+}
+
+}  // namespace condkernels
