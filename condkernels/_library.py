@@ -16,7 +16,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 @functools.cache
 def cuda_built() -> bool:
     """Whether the CUDA kernels were compiled into this installation (a GPU need not be present)."""
-    return has_kernel("cond_conv2d", "CUDA")
+    return any(has_kernel(op, "CUDA") for op in ("cond_conv2d", "gated_conv2d"))
 
 
 @functools.cache
