@@ -83,3 +83,10 @@ def oracle(inputs, case: Case, grad_out: Optional[torch.Tensor] = None):
         y.backward(grad_out.double().cpu())
         grads = [None if t is None else t.grad for t in leaves]
     return y.detach(), ungated, grads
+
+
+def public_args(case: Case):
+    """conv_args as the public function spells them; the case's padding must be symmetric."""
+    h0, h1, w0, w1 = case.padding
+    assert h0 == h1 and w0 == w1, "asymmetric padding reaches the public function only as 'same'"
+    return case.stride, (h0, w0), case.dilation, case.groups
