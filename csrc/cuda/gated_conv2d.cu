@@ -28,6 +28,7 @@
 #include <limits>
 
 #include "common/gated_channels.h"
+#include "common/gated_conv2d_operands.h"
 #include "common/gated_lists.h"
 #include "ops/gated_conv2d.h"
 
@@ -38,10 +39,8 @@ constexpr int kTileM = 32, kTileN = 32, kTileK = 16;
 constexpr int kSub = 16;  // a 16 x 16 thread block; each thread owns a 2 x 2 sub-tile
 constexpr int kThreads = kSub * kSub;
 constexpr int kWarp = 32;
-
-struct Strides4 {
-  int64_t b, c, h, w;
-};
+// Shared tiles are stored [k][m]; the extra column keeps the k-strided stores of A off one bank.
+constexpr int kTileMPadded = kTileM + 1;
 
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
@@ -92,23 +91,25 @@ ChannelLists build_channel_lists(const std::optional<at::Tensor>& gate, int64_t 
 
 // --- the shared tile GEMM ------------------------------------------------------------------------
 
-// acc += A[m0 .. m0 + 32, 0 .. k_total) * B[0 .. k_total, n0 .. n0 + 32). The loaders return 0 outside
-// their problem, so partial tiles need no other care. Thread (ty, tx) owns rows ty, ty + 16 and
-// columns tx, tx + 16. k_total must be the same for the whole block.
-template <typename Acc, typename LoadA, typename LoadB>
-__device__ __forceinline__ void tile_gemm(const LoadA& load_a, const LoadB& load_b, int64_t m0, int64_t n0,
-                                          int64_t k_total, Acc (&a_tile)[kTileK][kTileM],
-                                          Acc (&b_tile)[kTileK][kTileN], Acc (&acc)[2][2]) {
+// acc += A[m0 .. m0 + 32, 0 .. K) * B[0 .. K, n0 .. n0 + 32) for the operands of one (example, group)
+// problem (common/gated_conv2d_operands.h: lhs / rhs return 0 outside it, so partial tiles need no
+// other care). Thread (ty, tx) owns rows ty, ty + 16 and columns tx, tx + 16. K = ops.reduction() is
+// the same for the whole block.
+template <typename Acc, typename Operands>
+__device__ __forceinline__ void tile_gemm(const Operands& ops, int64_t m0, int64_t n0,
+                                          Acc (&a_tile)[kTileK][kTileMPadded], Acc (&b_tile)[kTileK][kTileN],
+                                          Acc (&acc)[2][2]) {
   const int tid = threadIdx.x, tx = tid % kSub, ty = tid / kSub;
+  const int64_t k_total = ops.reduction();
   for (int64_t k0 = 0; k0 < k_total; k0 += kTileK) {
     // A is walked along k, the direction it is contiguous in for every caller.
     for (int e = tid; e < kTileK * kTileM; e += kThreads) {
       const int m = e / kTileK, kk = e % kTileK;
-      a_tile[kk][m] = load_a(m0 + m, k0 + kk);
+      a_tile[kk][m] = ops.lhs(m0 + m, k0 + kk);
     }
     for (int e = tid; e < kTileK * kTileN; e += kThreads) {
       const int kk = e / kTileN, n = e % kTileN;
-      b_tile[kk][n] = load_b(k0 + kk, n0 + n);
+      b_tile[kk][n] = ops.rhs(k0 + kk, n0 + n);
     }
     __syncthreads();
 #pragma unroll
@@ -124,18 +125,15 @@ __device__ __forceinline__ void tile_gemm(const LoadA& load_a, const LoadB& load
   }
 }
 
-// Example and group of this block; blockIdx.x enumerates (example, group) pairs.
-struct Problem {
-  int64_t b, grp, bg;
-};
-
-__device__ __forceinline__ Problem this_problem(const ConvGeometry& g) {
-  const int64_t bg = blockIdx.x;
-  return {bg / g.groups, bg % g.groups, bg};
-}
+// blockIdx.x enumerates (example, group) problems, blockIdx.y row tiles, blockIdx.z column tiles.
+__device__ __forceinline__ int64_t problem_example(const ConvGeometry& g) { return blockIdx.x / g.groups; }
+__device__ __forceinline__ int64_t problem_group(const ConvGeometry& g) { return blockIdx.x % g.groups; }
+__device__ __forceinline__ int64_t row_tile_start() { return static_cast<int64_t>(blockIdx.y) * kTileM; }
+__device__ __forceinline__ int64_t col_tile_start() { return static_cast<int64_t>(blockIdx.z) * kTileN; }
 
 // --- forward -------------------------------------------------------------------------------------
 
+// Rows past the example's open outputs (a whole tile of them skips the reduction) are written as 0.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
 forward_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ weight, const T* __restrict__ bias,
@@ -143,71 +141,31 @@ forward_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ weigh
                const int32_t* __restrict__ in_list, const int32_t* __restrict__ in_count,
                const int32_t* __restrict__ out_list, const int32_t* __restrict__ out_count,
                T* __restrict__ y, T* __restrict__ ungated, Strides4 sy, ConvGeometry g) {
-  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc a_tile[kTileK][kTileMPadded];
   __shared__ Acc b_tile[kTileK][kTileN];
-  const Problem pr = this_problem(g);
-  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t taps = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.z) * kTileN;
-  const int32_t* ins = in_list + pr.b * g.in_channels + pr.grp * cin_g;
-  const int32_t* outs = out_list + pr.b * g.out_channels + pr.grp * cout_g;
-  const int64_t n_in = in_count[pr.bg], n_out = out_count[pr.bg];
-  const int64_t k_total = n_in * taps;
-  const T* x_b = x + pr.b * sx.b + pr.grp * cin_g * sx.c;
-  const T* ig = in_gate != nullptr ? in_gate + pr.b * g.in_channels + pr.grp * cin_g : nullptr;
-  const T* w_g = weight + pr.grp * cout_g * cin_g * taps;
-
+  const int64_t b = problem_example(g), grp = problem_group(g);
+  const ForwardOperands<T, Acc> ops{g, weight, x, sx, in_gate, b, grp,
+                                    group_list(in_list, in_count, b, grp, g.in_channels, g.groups),
+                                    group_list(out_list, out_count, b, grp, g.out_channels, g.groups)};
+  const int64_t m0 = row_tile_start(), n0 = col_tile_start();
   Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
-  if (m0 < n_out) {  // tiles made only of closed outputs skip the reduction
-    auto load_w = [&](int64_t m, int64_t k) -> Acc {
-      if (m >= n_out || k >= k_total) return Acc(0);
-      const int64_t co = outs[m], i = k / taps, tap = k % taps;
-      return static_cast<Acc>(w_g[(co * cin_g + ins[i]) * taps + tap]);
-    };
-    auto load_x = [&](int64_t k, int64_t n) -> Acc {
-      if (k >= k_total || n >= positions) return Acc(0);
-      const ReductionIndex r = split_reduction_index(k, g.kernel_h, g.kernel_w);
-      const int64_t ci = ins[r.list_pos];
-      const int64_t ih = g.in_row(n / g.out_w, r.kh), iw = g.in_col(n % g.out_w, r.kw);
-      if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return Acc(0);
-      const Acc v = static_cast<Acc>(x_b[ci * sx.c + ih * sx.h + iw * sx.w]);
-      return ig != nullptr ? v * static_cast<Acc>(ig[ci]) : v;
-    };
-    tile_gemm(load_w, load_x, m0, n0, k_total, a_tile, b_tile, acc);
-  }
+  if (m0 < ops.rows()) tile_gemm(ops, m0, n0, a_tile, b_tile, acc);
 
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
+  const int64_t cout_g = g.out_channels_per_group(), positions = ops.cols();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + ty + i * kSub;
-    if (m >= cout_g) continue;
-    const int64_t co = pr.grp * cout_g + outs[m];
-    const bool computed = m < n_out;
-    const Acc bias_v = bias != nullptr ? static_cast<Acc>(bias[co]) : Acc(0);
-    const T* og = out_gate != nullptr ? out_gate + pr.b * g.out_channels + co : nullptr;
-    const bool open = og == nullptr || gate_is_open(*og);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int64_t n = n0 + tx + j * kSub;
-      if (n >= positions) continue;
-      const int64_t off = pr.b * sy.b + co * sy.c + (n / g.out_w) * sy.h + (n % g.out_w) * sy.w;
-      if (!computed) {
-        y[off] = T(0);
-        continue;
-      }
-      const T z = static_cast<T>(acc[i][j] + bias_v);
-      if (ungated != nullptr) ungated[off] = z;
-      y[off] = open ? static_cast<T>(static_cast<Acc>(z) * (og != nullptr ? static_cast<Acc>(*og) : Acc(1)))
-                    : T(0);
+      const int64_t m = m0 + ty + i * kSub, n = n0 + tx + j * kSub;
+      if (m < cout_g && n < positions) ops.store(m, n, acc[i][j], bias, out_gate, y, ungated, sy);
     }
   }
 }
 
 // --- backward ------------------------------------------------------------------------------------
 
-// grad_gated[rows] = d(in_gate * x) over the rows listed in row_list (the first row_count of them),
-// from the open outputs only. Writes grad_x = in_gate * grad_gated (0 for unlisted rows) and, when
-// given, grad_gated itself in the accumulation type, (B, Cin, H * W) contiguous.
+// d(in_gate * x) over the listed input rows, from the open outputs only; see GradInputOperands::store.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
 grad_input_kernel(const T* __restrict__ grad_out, Strides4 sgo, const T* __restrict__ weight,
@@ -215,64 +173,30 @@ grad_input_kernel(const T* __restrict__ grad_out, Strides4 sgo, const T* __restr
                   const int32_t* __restrict__ row_list, const int32_t* __restrict__ row_count,
                   const int32_t* __restrict__ out_list, const int32_t* __restrict__ out_count,
                   T* __restrict__ grad_x, Strides4 sgx, Acc* __restrict__ grad_gated, ConvGeometry g) {
-  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc a_tile[kTileK][kTileMPadded];
   __shared__ Acc b_tile[kTileK][kTileN];
-  const Problem pr = this_problem(g);
-  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t taps = g.kernel_h * g.kernel_w, plane = g.in_h * g.in_w;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.z) * kTileN;
-  const int32_t* rows = row_list + pr.b * g.in_channels + pr.grp * cin_g;
-  const int32_t* outs = out_list + pr.b * g.out_channels + pr.grp * cout_g;
-  const int64_t n_rows = row_count[pr.bg], n_out = out_count[pr.bg];
-  const int64_t k_total = n_out * taps;
-  const T* w_g = weight + pr.grp * cout_g * cin_g * taps;
-  const T* go_b = grad_out + pr.b * sgo.b + pr.grp * cout_g * sgo.c;
-  const T* og = out_gate != nullptr ? out_gate + pr.b * g.out_channels + pr.grp * cout_g : nullptr;
-
+  const int64_t b = problem_example(g), grp = problem_group(g);
+  const GradInputOperands<T, Acc> ops{g, weight, grad_out, sgo, out_gate, b, grp,
+                                      group_list(row_list, row_count, b, grp, g.in_channels, g.groups),
+                                      group_list(out_list, out_count, b, grp, g.out_channels, g.groups)};
+  const int64_t m0 = row_tile_start(), n0 = col_tile_start();
   Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
-  if (m0 < n_rows) {
-    auto load_w = [&](int64_t m, int64_t k) -> Acc {
-      if (m >= n_rows || k >= k_total) return Acc(0);
-      const int64_t co = outs[k / taps], tap = k % taps;
-      return static_cast<Acc>(w_g[(co * cin_g + rows[m]) * taps + tap]);
-    };
-    auto load_grad = [&](int64_t k, int64_t n) -> Acc {
-      if (k >= k_total || n >= plane) return Acc(0);
-      const ReductionIndex r = split_reduction_index(k, g.kernel_h, g.kernel_w);
-      const int64_t oh = output_reading(n / g.in_w, r.kh * g.dilation_h, g.stride_h, g.pad_h_begin, g.out_h);
-      const int64_t ow = output_reading(n % g.in_w, r.kw * g.dilation_w, g.stride_w, g.pad_w_begin, g.out_w);
-      if (oh < 0 || ow < 0) return Acc(0);
-      const int64_t co = outs[r.list_pos];
-      const Acc v = static_cast<Acc>(go_b[co * sgo.c + oh * sgo.h + ow * sgo.w]);
-      return og != nullptr ? v * static_cast<Acc>(og[co]) : v;
-    };
-    tile_gemm(load_w, load_grad, m0, n0, k_total, a_tile, b_tile, acc);
-  }
+  if (m0 < ops.rows()) tile_gemm(ops, m0, n0, a_tile, b_tile, acc);
 
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
+  const int64_t cin_g = g.in_channels_per_group(), plane = ops.cols();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + ty + i * kSub;
-    if (m >= cin_g) continue;
-    const int64_t ci = pr.grp * cin_g + rows[m];
-    const bool computed = m < n_rows;
-    const Acc gate = in_gate != nullptr ? static_cast<Acc>(in_gate[pr.b * g.in_channels + ci]) : Acc(1);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int64_t n = n0 + tx + j * kSub;
-      if (n >= plane) continue;
-      const Acc value = computed ? acc[i][j] : Acc(0);
-      if (grad_gated != nullptr) grad_gated[(pr.b * g.in_channels + ci) * plane + n] = value;
-      if (grad_x != nullptr) {
-        const int64_t off = pr.b * sgx.b + ci * sgx.c + (n / g.in_w) * sgx.h + (n % g.in_w) * sgx.w;
-        grad_x[off] = computed ? static_cast<T>(value * gate) : T(0);
-      }
+      const int64_t m = m0 + ty + i * kSub, n = n0 + tx + j * kSub;
+      if (m < cin_g && n < plane) ops.store(m, n, acc[i][j], in_gate, grad_x, sgx, grad_gated);
     }
   }
 }
 
-// grad_w[co, ci * taps + tap] += sum over this example's output pixels of
-// (out_gate * grad_out)[co] * (in_gate * x)[ci] read through tap, for its open co and ci only.
+// grad_w += this example's (out_gate * grad_out) im2col(in_gate * x)^T over its open outputs x open
+// inputs, added atomically (examples run concurrently).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
 grad_weight_kernel(const T* __restrict__ grad_out, Strides4 sgo, const T* __restrict__ x, Strides4 sx,
@@ -280,52 +204,24 @@ grad_weight_kernel(const T* __restrict__ grad_out, Strides4 sgo, const T* __rest
                    const int32_t* __restrict__ in_list, const int32_t* __restrict__ in_count,
                    const int32_t* __restrict__ out_list, const int32_t* __restrict__ out_count,
                    Acc* __restrict__ grad_w, ConvGeometry g) {
-  __shared__ Acc a_tile[kTileK][kTileM];
+  __shared__ Acc a_tile[kTileK][kTileMPadded];
   __shared__ Acc b_tile[kTileK][kTileN];
-  const Problem pr = this_problem(g);
-  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-  const int64_t taps = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.z) * kTileN;
-  const int64_t n_in = in_count[pr.bg], n_out = out_count[pr.bg];
-  const int64_t n_cols = n_in * taps;
-  if (m0 >= n_out || n0 >= n_cols) return;  // uniform across the block
-  const int32_t* ins = in_list + pr.b * g.in_channels + pr.grp * cin_g;
-  const int32_t* outs = out_list + pr.b * g.out_channels + pr.grp * cout_g;
-  const T* go_b = grad_out + pr.b * sgo.b + pr.grp * cout_g * sgo.c;
-  const T* x_b = x + pr.b * sx.b + pr.grp * cin_g * sx.c;
-  const T* ig = in_gate != nullptr ? in_gate + pr.b * g.in_channels + pr.grp * cin_g : nullptr;
-  const T* og = out_gate != nullptr ? out_gate + pr.b * g.out_channels + pr.grp * cout_g : nullptr;
-
-  auto load_grad = [&](int64_t m, int64_t p) -> Acc {
-    if (m >= n_out || p >= positions) return Acc(0);
-    const int64_t co = outs[m];
-    const Acc v = static_cast<Acc>(go_b[co * sgo.c + (p / g.out_w) * sgo.h + (p % g.out_w) * sgo.w]);
-    return og != nullptr ? v * static_cast<Acc>(og[co]) : v;
-  };
-  auto load_x = [&](int64_t p, int64_t n) -> Acc {
-    if (p >= positions || n >= n_cols) return Acc(0);
-    const ReductionIndex r = split_reduction_index(n, g.kernel_h, g.kernel_w);
-    const int64_t ci = ins[r.list_pos];
-    const int64_t ih = g.in_row(p / g.out_w, r.kh), iw = g.in_col(p % g.out_w, r.kw);
-    if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return Acc(0);
-    const Acc v = static_cast<Acc>(x_b[ci * sx.c + ih * sx.h + iw * sx.w]);
-    return ig != nullptr ? v * static_cast<Acc>(ig[ci]) : v;
-  };
+  const int64_t b = problem_example(g), grp = problem_group(g);
+  const GradWeightOperands<T, Acc> ops{g, grad_out, sgo, x, sx, in_gate, out_gate, b, grp,
+                                       group_list(in_list, in_count, b, grp, g.in_channels, g.groups),
+                                       group_list(out_list, out_count, b, grp, g.out_channels, g.groups)};
+  const int64_t m0 = row_tile_start(), n0 = col_tile_start();
+  if (m0 >= ops.rows() || n0 >= ops.cols()) return;  // uniform across the block
   Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
-  tile_gemm(load_grad, load_x, m0, n0, positions, a_tile, b_tile, acc);
+  tile_gemm(ops, m0, n0, a_tile, b_tile, acc);
 
   const int tx = threadIdx.x % kSub, ty = threadIdx.x / kSub;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t m = m0 + ty + i * kSub;
-    if (m >= n_out) continue;
-    const int64_t co = pr.grp * cout_g + outs[m];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int64_t n = n0 + tx + j * kSub;
-      if (n >= n_cols) continue;
-      const ReductionIndex r = split_reduction_index(n, g.kernel_h, g.kernel_w);
-      atomicAdd(grad_w + (co * cin_g + ins[r.list_pos]) * taps + r.kh * g.kernel_w + r.kw, acc[i][j]);
+      const int64_t m = m0 + ty + i * kSub, n = n0 + tx + j * kSub;
+      if (m < ops.rows() && n < ops.cols()) atomicAdd(grad_w + ops.grad_weight_offset(m, n), acc[i][j]);
     }
   }
 }
