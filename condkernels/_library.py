@@ -13,7 +13,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 
 # Fixed for the life of the process; plain constants keep them free to read under torch.compile.
-_CUDA_BUILT = has_kernel("cond_conv2d", "CUDA")
+_CUDA_BUILT = has_kernel("cond_conv2d", "CUDA") or has_kernel("gated_conv2d", "CUDA")
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
