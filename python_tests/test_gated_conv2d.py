@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import condkernels
 from condkernels.ops._conv_args import same_padding
-from conftest import COMPILED_BACKENDS
+from conftest import COMPILED_BACKENDS, triton_interpreted
 
 DENSE_ABOVE = "CONDKERNELS_GATED_DENSE_ABOVE"
 # The CPU kernels' two paths: "compacted" never takes the dense path, "dense" always does.
@@ -197,7 +197,10 @@ def test_gradcheck(layer, device, backend, dense_above, path):
     cfg = dict(batch=3, cin=cin, cout=cout, groups=groups, k=k, hw=(5, 6), bias=True, gates="relu", which="both")
     inputs = [t.to(device).requires_grad_(True) for t in make_inputs(cfg, seed=7)]
     fn = lambda *a: call(backend, *a, stride=2, padding="same", groups=groups)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    # Under the interpreter every Triton launch runs in Python: fast mode checks random projections
+    # of the same Jacobians instead of one launch pair per input element.
+    fast = backend == "triton" and triton_interpreted()
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, fast_mode=fast)
 
 
 @pytest.mark.parametrize("dense_above", list(PATHS.values()), ids=list(PATHS))
