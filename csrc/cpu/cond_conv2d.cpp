@@ -26,6 +26,7 @@
 
 #include "cpu/depthwise.h"
 #include "cpu/im2col.h"
+#include "cpu/mixing.h"
 #include "ops/cond_conv2d.h"
 
 namespace condkernels {
@@ -130,7 +131,12 @@ at::Tensor group_columns(const at::Tensor& cols_b, bool channels_last, int64_t g
 at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, const ConvGeometry& g,
                     bool channels_last, int64_t b0, int64_t n, int64_t o0, int64_t T) {
   const int64_t taps = g.kernel_h * g.kernel_w, Cg = g.in_channels_per_group(), Kg = Cg * taps;
-  at::Tensor mixed = at::mm(routing.narrow(0, b0, n), weight_flat.narrow(1, o0 * Kg, T * Kg));
+  at::Tensor mixed = at::empty({n, T * Kg}, weight_flat.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mixed.scalar_type(), "cond_conv2d_mix", [&] {
+    mixing::mix_columns<at::opmath_type<scalar_t>, scalar_t>(
+        routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), weight_flat.const_data_ptr<scalar_t>() + o0 * Kg,
+        weight_flat.size(1), routing.size(1), n, T * Kg, mixed.mutable_data_ptr<scalar_t>());
+  });
   if (channels_last && taps > 1)  // (c, kh, kw) -> (kh, kw, c) to match the NHWC columns
     return mixed.view({n, T, Cg, taps}).transpose(2, 3).contiguous().view({n, T, Kg});
   return mixed.view({n, T, Kg});

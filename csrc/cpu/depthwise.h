@@ -46,6 +46,44 @@ inline A mix_bias(const T* routing_row, const T* bias, int64_t experts, int64_t 
   return s;
 }
 
+// NCHW planes are convolved in a "wide" layout: the input plane is copied (converted to A) into a
+// zero-padded buffer whose row length wp is a multiple of the column stride, and the output is
+// computed wq = wp / stride_w columns wide, so for a row stride of 1 each tap is ONE long strided axpy
+// over the whole plane (out[q] += w * in[q * stride_w + tap offset]) instead of OH short rows. The
+// columns past OW are computed and dropped; padding needs no bounds checks.
+struct WidePlane {
+  int64_t hp, wp, wq, out_h;
+  explicit WidePlane(const ConvGeometry& g)
+      : hp(g.in_h + g.pad_h_begin + g.pad_h_end),
+        wp((g.in_w + g.pad_w_begin + g.pad_w_end + g.stride_w - 1) / g.stride_w * g.stride_w),
+        wq(wp / g.stride_w),
+        out_h(g.out_h) {}
+  // One spare row: the last wide row of a tap reads up to (kw - 1) * dilation past its end.
+  int64_t padded_size() const { return (hp + 1) * wp; }
+  int64_t wide_size() const { return out_h * wq; }
+
+  template <typename A, typename T>
+  void load_input(const ConvGeometry& g, const T* plane, A* xpad) const {
+    std::fill(xpad, xpad + padded_size(), A(0));
+    for (int64_t ih = 0; ih < g.in_h; ++ih) {
+      A* dst = xpad + (ih + g.pad_h_begin) * wp + g.pad_w_begin;
+      const T* src = plane + ih * g.in_w;
+      for (int64_t iw = 0; iw < g.in_w; ++iw) dst[iw] = static_cast<A>(src[iw]);
+    }
+  }
+
+  // Calls f(wide output offset, padded input offset, length) for the runs of tap (i, j).
+  template <typename F>
+  void for_each_run(const ConvGeometry& g, int64_t i, int64_t j, const F& f) const {
+    const int64_t tap = i * g.dilation_h * wp + j * g.dilation_w;
+    if (g.stride_h == 1) {
+      f(0, tap, out_h * wq);
+    } else {
+      for (int64_t oh = 0; oh < out_h; ++oh) f(oh * wq, oh * g.stride_h * wp + tap, wq);
+    }
+  }
+};
+
 // Forward. x, y: contiguous in `channels_last` or NCHW; weight (E, C, 1, kh, kw) and bias (E, C)
 // contiguous.
 template <typename A, typename T>
@@ -54,30 +92,23 @@ void forward(const ConvGeometry& g, bool channels_last, const T* x, const T* rou
   const int64_t C = g.in_channels, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
   if (!channels_last) {
+    const WidePlane wp(g);
     at::parallel_for(0, g.batch * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> wk(taps), acc(OH * OW);
+      std::vector<A> wk(taps), xpad(wp.padded_size()), acc(wp.wide_size());
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         const T* r = routing + b * experts;
         mix_taps<A, T>(r, weight, experts, C, taps, c, wk.data());
+        wp.load_input(g, x + bc * H * W, xpad.data());
         std::fill(acc.begin(), acc.end(), mix_bias<A, T>(r, bias, experts, C, c));
-        const T* xp = x + bc * H * W;
-        for (int64_t i = 0; i < KH; ++i) {
-          int64_t oh_lo, oh_hi;
-          conv_valid_out_range(H, OH, g.stride_h, g.pad_h_begin, i * g.dilation_h, &oh_lo, &oh_hi);
-          for (int64_t j = 0; j < KW; ++j) {
-            int64_t ow_lo, ow_hi;
-            conv_valid_out_range(W, OW, g.stride_w, g.pad_w_begin, j * g.dilation_w, &ow_lo, &ow_hi);
-            if (ow_lo >= ow_hi) continue;
-            const A w = wk[i * KW + j];
-            for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-              rows::axpy_strided(acc.data() + oh * OW + ow_lo, xp + g.in_row(oh, i) * W + g.in_col(ow_lo, j),
-                                 w, ow_hi - ow_lo, g.stride_w);
-            }
-          }
-        }
+        for (int64_t i = 0; i < KH; ++i)
+          for (int64_t j = 0; j < KW; ++j)
+            wp.for_each_run(g, i, j, [&](int64_t out_off, int64_t in_off, int64_t n) {
+              rows::axpy_strided(acc.data() + out_off, xpad.data() + in_off, wk[i * KW + j], n, g.stride_w);
+            });
         T* yp = y + bc * OH * OW;
-        for (int64_t p = 0; p < OH * OW; ++p) yp[p] = static_cast<T>(acc[p]);
+        for (int64_t oh = 0; oh < OH; ++oh)
+          for (int64_t ow = 0; ow < OW; ++ow) yp[oh * OW + ow] = static_cast<T>(acc[oh * wp.wq + ow]);
       }
     });
     return;
@@ -125,43 +156,41 @@ void backward(const ConvGeometry& g, bool channels_last, const T* grad_out, cons
   const int64_t C = g.in_channels, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
   const int64_t KH = g.kernel_h, KW = g.kernel_w, taps = KH * KW;
   if (!channels_last) {
+    const WidePlane wp(g);
     at::parallel_for(0, g.batch * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> wk(taps), gacc(grad_x ? H * W : 0);
+      std::vector<A> wk(taps), xpad(grad_w_b ? wp.padded_size() : 0), gpad(grad_x ? wp.padded_size() : 0),
+          gowide(wp.wide_size(), A(0));
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         const T* go = grad_out + bc * OH * OW;
-        const T* xp = x + bc * H * W;
+        A db = 0;
+        for (int64_t oh = 0; oh < OH; ++oh)  // the wide columns past OW stay zero
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            const A v = static_cast<A>(go[oh * OW + ow]);
+            gowide[oh * wp.wq + ow] = v;
+            db += v;
+          }
+        if (grad_b_b) grad_b_b[bc] = db;
+        if (grad_w_b) wp.load_input(g, x + bc * H * W, xpad.data());
         if (grad_x) {
           mix_taps<A, T>(routing + b * experts, weight, experts, C, taps, c, wk.data());
-          std::fill(gacc.begin(), gacc.end(), A(0));
+          std::fill(gpad.begin(), gpad.end(), A(0));
         }
-        for (int64_t i = 0; i < KH; ++i) {
-          int64_t oh_lo, oh_hi;
-          conv_valid_out_range(H, OH, g.stride_h, g.pad_h_begin, i * g.dilation_h, &oh_lo, &oh_hi);
+        for (int64_t i = 0; i < KH; ++i)
           for (int64_t j = 0; j < KW; ++j) {
-            int64_t ow_lo, ow_hi;
-            conv_valid_out_range(W, OW, g.stride_w, g.pad_w_begin, j * g.dilation_w, &ow_lo, &ow_hi);
             A dw = 0;
-            if (ow_lo < ow_hi) {
-              for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-                const int64_t in_off = g.in_row(oh, i) * W + g.in_col(ow_lo, j);
-                const T* gorow = go + oh * OW + ow_lo;
-                if (grad_x)
-                  rows::scatter_axpy(gacc.data() + in_off, gorow, wk[i * KW + j], ow_hi - ow_lo, g.stride_w);
-                if (grad_w_b) dw += rows::dot_strided(gorow, xp + in_off, ow_hi - ow_lo, g.stride_w);
-              }
-            }
+            wp.for_each_run(g, i, j, [&](int64_t out_off, int64_t in_off, int64_t n) {
+              if (grad_x)
+                rows::scatter_axpy(gpad.data() + in_off, gowide.data() + out_off, wk[i * KW + j], n, g.stride_w);
+              if (grad_w_b) dw += rows::dot_strided(gowide.data() + out_off, xpad.data() + in_off, n, g.stride_w);
+            });
             if (grad_w_b) grad_w_b[bc * taps + i * KW + j] = dw;
           }
-        }
-        if (grad_b_b) {
-          A s = 0;
-          for (int64_t p = 0; p < OH * OW; ++p) s += static_cast<A>(go[p]);
-          grad_b_b[bc] = s;
-        }
         if (grad_x) {
           T* gx = grad_x + bc * H * W;
-          for (int64_t p = 0; p < H * W; ++p) gx[p] = static_cast<T>(gacc[p]);
+          for (int64_t ih = 0; ih < H; ++ih)
+            for (int64_t iw = 0; iw < W; ++iw)
+              gx[ih * W + iw] = static_cast<T>(gpad[(ih + g.pad_h_begin) * wp.wp + iw + g.pad_w_begin]);
         }
       }
     });

@@ -83,6 +83,22 @@ inline __attribute__((always_inline)) void add_rows(A* __restrict acc, const T* 
   for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(x[i]);
 }
 
+// acc_k[i] += r[k] * w[i] for the four rows acc_0..acc_3 (each w element is loaded once).
+template <typename A, typename T>
+inline __attribute__((always_inline)) void axpy4(A* __restrict a0, A* __restrict a1, A* __restrict a2,
+                                                  A* __restrict a3, const T* __restrict w, const A* r,
+                                                  int64_t n) {
+  const A r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = static_cast<A>(w[i]);
+    a0[i] += r0 * v;
+    a1[i] += r1 * v;
+    a2[i] += r2 * v;
+    a3[i] += r3 * v;
+  }
+}
+
 }  // namespace impl
 
 #define CK_ROW_KERNELS(A, T)                                                                       \
@@ -103,6 +119,9 @@ inline __attribute__((always_inline)) void add_rows(A* __restrict acc, const T* 
   }                                                                                                \
   CK_MULTIVERSION static void add_rows(A* acc, const T* x, int64_t n) {                            \
     impl::add_rows<A, T>(acc, x, n);                                                               \
+  }                                                                                                \
+  CK_MULTIVERSION static void axpy4(A* a0, A* a1, A* a2, A* a3, const T* w, const A* r, int64_t n) { \
+    impl::axpy4<A, T>(a0, a1, a2, a3, w, r, n);                                                    \
   }
 
 CK_ROW_KERNELS(float, float)
