@@ -99,6 +99,21 @@ inline __attribute__((always_inline)) void axpy4(A* __restrict a0, A* __restrict
   }
 }
 
+// acc[k * acc_ld + i] += sum_{j<4} r[k * 4 + j] * w_j[i] for NB (1 or 4) accumulator rows: four
+// expert rows at a time (more concurrent streams at a large power-of-two stride thrash the cache sets).
+template <int NB, typename A, typename T>
+inline __attribute__((always_inline)) void mix4_rows(A* __restrict acc, int64_t acc_ld, const T* __restrict w0,
+                                                      const T* __restrict w1, const T* __restrict w2,
+                                                      const T* __restrict w3, const A* __restrict r, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const A v0 = static_cast<A>(w0[i]), v1 = static_cast<A>(w1[i]), v2 = static_cast<A>(w2[i]),
+            v3 = static_cast<A>(w3[i]);
+    for (int k = 0; k < NB; ++k)
+      acc[k * acc_ld + i] += r[4 * k] * v0 + r[4 * k + 1] * v1 + r[4 * k + 2] * v2 + r[4 * k + 3] * v3;
+  }
+}
+
 }  // namespace impl
 
 #define CK_ROW_KERNELS(A, T)                                                                       \
@@ -119,6 +134,14 @@ inline __attribute__((always_inline)) void axpy4(A* __restrict a0, A* __restrict
   }                                                                                                \
   CK_MULTIVERSION static void add_rows(A* acc, const T* x, int64_t n) {                            \
     impl::add_rows<A, T>(acc, x, n);                                                               \
+  }                                                                                                \
+  CK_MULTIVERSION static void mix4_rows1(A* acc, const T* w0, const T* w1, const T* w2, const T* w3,    \
+                                        const A* r, int64_t n) {                                   \
+    impl::mix4_rows<1, A, T>(acc, 0, w0, w1, w2, w3, r, n);                                        \
+  }                                                                                                \
+  CK_MULTIVERSION static void mix4_rows4(A* acc, int64_t acc_ld, const T* w0, const T* w1,          \
+                                        const T* w2, const T* w3, const A* r, int64_t n) {         \
+    impl::mix4_rows<4, A, T>(acc, acc_ld, w0, w1, w2, w3, r, n);                                   \
   }                                                                                                \
   CK_MULTIVERSION static void axpy4(A* a0, A* a1, A* a2, A* a3, const T* w, const A* r, int64_t n) { \
     impl::axpy4<A, T>(a0, a1, a2, a3, w, r, n);                                                    \
