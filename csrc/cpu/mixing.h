@@ -19,6 +19,31 @@ namespace condkernels::mixing {
 constexpr int64_t kColumnBlock = 2048;
 
 // out (n_examples, n_cols) = routing (n_examples, experts) @ w (experts, n_cols with row stride ld).
+// Mixes rows [b0, b0 + NB) of the output over columns [c0, c0 + nc), four experts per pass.
+template <int NB, typename A, typename T>
+void mix_block(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, int64_t c0, int64_t nc,
+               int64_t n_cols, A* acc, T* out) {
+  std::fill(acc, acc + NB * kColumnBlock, A(0));
+  A r4[4 * NB];
+  for (int64_t e0 = 0; e0 < experts; e0 += 4) {
+    const T* wr[4];
+    for (int64_t j = 0; j < 4; ++j) {  // past the last expert: any valid row, coefficient zero
+      wr[j] = w + std::min(e0 + j, experts - 1) * ld + c0;
+      for (int64_t k = 0; k < NB; ++k) r4[4 * k + j] = e0 + j < experts ? r[(b0 + k) * experts + e0 + j] : A(0);
+    }
+    if constexpr (NB == 4)
+      rows::mix4_rows4(acc, kColumnBlock, wr[0], wr[1], wr[2], wr[3], r4, nc);
+    else
+      rows::mix4_rows1(acc, wr[0], wr[1], wr[2], wr[3], r4, nc);
+  }
+  for (int64_t k = 0; k < NB; ++k) {
+    T* dst = out + (b0 + k) * n_cols + c0;
+    const A* src = acc + k * kColumnBlock;
+    for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// out (n_examples, n_cols) = routing (n_examples, experts) @ w (experts, n_cols with row stride ld).
 template <typename A, typename T>
 void mix_columns(const T* routing, const T* w, int64_t ld, int64_t experts, int64_t n_examples,
                  int64_t n_cols, T* out) {
@@ -26,36 +51,12 @@ void mix_columns(const T* routing, const T* w, int64_t ld, int64_t experts, int6
   std::vector<A> r(n_examples * experts);
   for (int64_t k = 0; k < n_examples * experts; ++k) r[k] = static_cast<A>(routing[k]);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(4 * kColumnBlock), r4(16);
+    std::vector<A> acc(4 * kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      for (int64_t b0 = 0; b0 < n_examples; b0 += 4) {
-        const int64_t nb = std::min<int64_t>(4, n_examples - b0);
-        std::fill(acc.begin(), acc.begin() + (nb == 4 ? 4 : 1) * kColumnBlock, A(0));
-        for (int64_t k = 0; k < (nb == 4 ? 1 : nb); ++k) {  // below 4 examples: one row per pass
-          A* acc_k = acc.data() + k * kColumnBlock;
-          if (nb < 4) std::fill(acc_k, acc_k + nc, A(0));
-          for (int64_t e0 = 0; e0 < experts; e0 += 4) {
-            const T* wr[4];
-            for (int64_t j = 0; j < 4; ++j) {  // missing experts: any valid row with a zero coefficient
-              const int64_t e = std::min(e0 + j, experts - 1);
-              wr[j] = w + e * ld + c0;
-              for (int64_t q = 0; q < (nb == 4 ? 4 : 1); ++q)
-                r4[4 * q + j] = e0 + j < experts ? r[(b0 + (nb == 4 ? q : k)) * experts + e0 + j] : A(0);
-            }
-            if (nb == 4)
-              rows::mix4_rows4(acc.data(), kColumnBlock, wr[0], wr[1], wr[2], wr[3], r4.data(), nc);
-            else
-              rows::mix4_rows1(acc_k, wr[0], wr[1], wr[2], wr[3], r4.data(), nc);
-          }
-          const int64_t rows_done = nb == 4 ? 4 : 1;
-          for (int64_t q = 0; q < rows_done; ++q) {
-            T* dst = out + (b0 + (nb == 4 ? q : k)) * n_cols + c0;
-            const A* src = acc.data() + (nb == 4 ? q : k) * kColumnBlock;
-            for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(src[i]);
-          }
-        }
-      }
+      int64_t b = 0;
+      for (; b + 4 <= n_examples; b += 4) mix_block<4>(r.data(), w, ld, experts, b, c0, nc, n_cols, acc.data(), out);
+      for (; b < n_examples; ++b) mix_block<1>(r.data(), w, ld, experts, b, c0, nc, n_cols, acc.data(), out);
     }
   });
 }

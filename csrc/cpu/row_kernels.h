@@ -83,22 +83,6 @@ inline __attribute__((always_inline)) void add_rows(A* __restrict acc, const T* 
   for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(x[i]);
 }
 
-// acc_k[i] += r[k] * w[i] for the four rows acc_0..acc_3 (each w element is loaded once).
-template <typename A, typename T>
-inline __attribute__((always_inline)) void axpy4(A* __restrict a0, A* __restrict a1, A* __restrict a2,
-                                                  A* __restrict a3, const T* __restrict w, const A* r,
-                                                  int64_t n) {
-  const A r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const A v = static_cast<A>(w[i]);
-    a0[i] += r0 * v;
-    a1[i] += r1 * v;
-    a2[i] += r2 * v;
-    a3[i] += r3 * v;
-  }
-}
-
 // acc[k * acc_ld + i] += sum_{j<4} r[k * 4 + j] * w_j[i] for NB (1 or 4) accumulator rows: four
 // expert rows at a time (more concurrent streams at a large power-of-two stride thrash the cache sets).
 template <int NB, typename A, typename T>
@@ -142,10 +126,8 @@ inline __attribute__((always_inline)) void mix4_rows(A* __restrict acc, int64_t 
   CK_MULTIVERSION static void mix4_rows4(A* acc, int64_t acc_ld, const T* w0, const T* w1,          \
                                         const T* w2, const T* w3, const A* r, int64_t n) {         \
     impl::mix4_rows<4, A, T>(acc, acc_ld, w0, w1, w2, w3, r, n);                                   \
-  }                                                                                                \
-  CK_MULTIVERSION static void axpy4(A* a0, A* a1, A* a2, A* a3, const T* w, const A* r, int64_t n) { \
-    impl::axpy4<A, T>(a0, a1, a2, a3, w, r, n);                                                    \
   }
+
 
 CK_ROW_KERNELS(float, float)
 CK_ROW_KERNELS(double, double)
