@@ -45,8 +45,8 @@ SHAPES = [
 ]
 BATCHES = (1, 8, 32)
 EXPERTS = (1, 4, 8, 32)
-# Default mode: every shape and batch, E in {1, 4, 32} (E = 8 in --full only).
-DEFAULT_EXPERTS = (1, 4, 32)
+# Default mode: every shape with these (B, E); --full runs B x E.
+DEFAULT_BATCH_EXPERTS = ((1, 1), (1, 4), (1, 32), (8, 4), (8, 32), (32, 32))
 # Default mode skips a slow competitor whose estimated time per call exceeds this.
 SKIP_SECONDS = 0.4
 
@@ -138,9 +138,9 @@ def streaming_bandwidth(rounds: int) -> float:
 
 def configurations(full: bool):
     for shape in SHAPES:
-        for batch in BATCHES:
-            for experts in EXPERTS if full else DEFAULT_EXPERTS:
-                yield shape, batch, experts
+        pairs = [(b, e) for b in BATCHES for e in EXPERTS] if full else DEFAULT_BATCH_EXPERTS
+        for batch, experts in pairs:
+            yield shape, batch, experts
 
 
 def run(args):
@@ -191,32 +191,34 @@ def run(args):
 def tiling_study(rounds, full):
     """The mix + GEMM path with its output-channel tiles forced whole or cache-sized, and as chosen."""
     out = []
-    for (name, cin, cout, groups, k, hw, stride, padding) in [SHAPES[0], SHAPES[3], SHAPES[4]]:
-        for batch in (1, 8, 32) if full else (1, 32):
-            for experts in (4, 32) if full else (32,):
-                x = torch.randn(batch, cin, hw, hw)
-                routing = torch.rand(batch, experts)
-                weight = torch.randn(experts, cout, cin // groups, k, k) * 0.05
-                results = {}
-                for backward in (False, True):
-                    calls = {}
-                    for policy in ("whole", "tiled", "auto"):
-                        inner = make_call(ours, (x, routing, weight), (stride, padding, groups), backward)
+    if full:
+        cases = [(s, b, e) for s in (SHAPES[0], SHAPES[3], SHAPES[4]) for b in (1, 8, 32) for e in (4, 32)]
+    else:
+        cases = [(SHAPES[3], 1, 32), (SHAPES[3], 8, 32), (SHAPES[0], 32, 4), (SHAPES[4], 32, 32)]
+    for (name, cin, cout, groups, k, hw, stride, padding), batch, experts in cases:
+        x = torch.randn(batch, cin, hw, hw)
+        routing = torch.rand(batch, experts)
+        weight = torch.randn(experts, cout, cin // groups, k, k) * 0.05
+        results = {}
+        for backward in (False, True) if full else (False,):
+            calls = {}
+            for policy in ("whole", "tiled", "auto"):
+                inner = make_call(ours, (x, routing, weight), (stride, padding, groups), backward)
 
-                        def call(policy=policy, inner=inner):
-                            os.environ[TILING_ENV] = policy
-                            inner()
+                def call(policy=policy, inner=inner):
+                    os.environ[TILING_ENV] = policy
+                    inner()
 
-                        calls[policy] = call
-                    t = time_interleaved(calls, rounds)
-                    os.environ.pop(TILING_ENV, None)
-                    results["fwd+bwd" if backward else "inference"] = t
-                for mode, t in results.items():
-                    row = dict(shape=name, batch=batch, experts=experts, mode=mode,
-                               **{f"{p}_ms": round(v * 1e3, 3) for p, v in t.items()})
-                    out.append(row)
-                    print(f"tiling {name[:28]:28s} B={batch:2d} E={experts:2d} {mode:9s} "
-                          + " ".join(f"{p}={v * 1e3:8.2f}ms" for p, v in t.items()), flush=True)
+                calls[policy] = call
+            t = time_interleaved(calls, rounds)
+            os.environ.pop(TILING_ENV, None)
+            results["fwd+bwd" if backward else "inference"] = t
+        for mode, t in results.items():
+            row = dict(shape=name, batch=batch, experts=experts, mode=mode,
+                       **{f"{p}_ms": round(v * 1e3, 3) for p, v in t.items()})
+            out.append(row)
+            print(f"tiling {name[:28]:28s} B={batch:2d} E={experts:2d} {mode:9s} "
+                  + " ".join(f"{p}={v * 1e3:8.2f}ms" for p, v in t.items()), flush=True)
     return out
 
 
@@ -300,8 +302,10 @@ def write_reports(machine, rows, tiling, args):
         "  `cond_conv2d(..., backend=\"cpu\")`.",
         "- floor = static + one read of the E expert kernels (expert bytes / streaming bandwidth); the",
         "  targets are ours <= grouped, inference <= 1.3 x floor, fwd+bwd <= 1.5 x floor.",
-        ("- default mode: E in {1, 4, 32}; naive MoE / loop skipped where they would take more than "
-         f"{SKIP_SECONDS} s per call (`skip` below, estimate in the last column). `--full` runs everything."
+        ("- default mode: (B, E) in " + ", ".join(f"({b}, {e})" for b, e in DEFAULT_BATCH_EXPERTS)
+         + f" for every shape; naive MoE / loop skipped where they would take more than {SKIP_SECONDS} s per call"
+         " (`skip` below, estimate in the last column); the tiling study in inference only. `--full` runs"
+         " B in {1, 8, 32} x E in {1, 4, 8, 32}, every competitor, both modes of the tiling study."
          if not args.full else "- full mode: every configuration and competitor."),
         "",
         "## Results (ms per call)",

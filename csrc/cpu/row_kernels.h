@@ -83,6 +83,33 @@ inline __attribute__((always_inline)) void add_rows(A* __restrict acc, const T* 
   for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(x[i]);
 }
 
+// acc[r * acc_ld + i] += w[i] * x[r * x_ld + i] for r < n_rows, i < n: one tap of a depthwise
+// NHWC convolution (or its transpose) over a run of pixels, vectorised along the channels.
+template <typename A, typename T>
+inline __attribute__((always_inline)) void fma_panel(A* __restrict acc, int64_t acc_ld, const A* __restrict w,
+                                                      const T* __restrict x, int64_t x_ld, int64_t n_rows,
+                                                      int64_t n) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    A* a = acc + r * acc_ld;
+    const T* xr = x + r * x_ld;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) a[i] += w[i] * static_cast<A>(xr[i]);
+  }
+}
+
+// acc[i] += sum_r a[r * a_ld + i] * b[r * b_ld + i]
+template <typename A, typename T>
+inline __attribute__((always_inline)) void dot_panel(A* __restrict acc, const T* __restrict a, int64_t a_ld,
+                                                      const T* __restrict b, int64_t b_ld, int64_t n_rows,
+                                                      int64_t n) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const T* ar = a + r * a_ld;
+    const T* br = b + r * b_ld;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<A>(ar[i]) * static_cast<A>(br[i]);
+  }
+}
+
 // acc[k * acc_ld + i] += sum_{j<4} r[k * 4 + j] * w_j[i] for NB (1 or 4) accumulator rows: four
 // expert rows at a time (more concurrent streams at a large power-of-two stride thrash the cache sets).
 template <int NB, typename A, typename T>
@@ -118,6 +145,14 @@ inline __attribute__((always_inline)) void mix4_rows(A* __restrict acc, int64_t 
   }                                                                                                \
   CK_MULTIVERSION static void add_rows(A* acc, const T* x, int64_t n) {                            \
     impl::add_rows<A, T>(acc, x, n);                                                               \
+  }                                                                                                \
+  CK_MULTIVERSION static void fma_panel(A* acc, int64_t acc_ld, const A* w, const T* x, int64_t x_ld, \
+                                       int64_t n_rows, int64_t n) {                                \
+    impl::fma_panel<A, T>(acc, acc_ld, w, x, x_ld, n_rows, n);                                     \
+  }                                                                                                \
+  CK_MULTIVERSION static void dot_panel(A* acc, const T* a, int64_t a_ld, const T* b, int64_t b_ld,  \
+                                       int64_t n_rows, int64_t n) {                                \
+    impl::dot_panel<A, T>(acc, a, a_ld, b, b_ld, n_rows, n);                                       \
   }                                                                                                \
   CK_MULTIVERSION static void mix4_rows1(A* acc, const T* w0, const T* w1, const T* w2, const T* w3,    \
                                         const A* r, int64_t n) {                                   \
