@@ -159,14 +159,17 @@ def run(args):
         for backward in (False, True):
             mode = "fwd+bwd" if backward else "inference"
             calls, skipped = {}, {}
-            static_call = make_call(static_conv, (x, routing, weight), conv_args, backward)
+            # The static conv owns a single expert, so its backward does not fill an E-expert gradient.
+            static_inputs = (x, routing, weight[:1].clone())
+            static_call = make_call(static_conv, static_inputs, conv_args, backward)
             static_guess = time_once(static_call, 1)
             estimates = {"naive_moe": experts * static_guess, "loop": batch * static_guess / max(1, batch // 8)}
             for comp in COMPETITORS:
                 if not args.full and comp in estimates and estimates[comp] > SKIP_SECONDS:
                     skipped[comp] = estimates[comp]
                     continue
-                calls[comp] = make_call(FUNCTIONS[comp], (x, routing, weight), conv_args, backward)
+                inputs = static_inputs if comp == "static" else (x, routing, weight)
+                calls[comp] = make_call(FUNCTIONS[comp], inputs, conv_args, backward)
             t = time_interleaved(calls, rounds)
             floor = t["static"] + read_s
             target = 1.5 if backward else 1.3
@@ -289,6 +292,23 @@ def write_reports(machine, rows, tiling, args):
         "The machine is shared: the load average above says how busy it was, and timings on it vary",
         "between runs. Compare ratios within one row (the competitors of a row are timed in interleaved",
         "rounds, median of the rounds), not absolute times across runs.",
+        "",
+        "## What runs (csrc/cpu/)",
+        "",
+        "- depthwise (groups == Cin == Cout): `depthwise.h`, a direct kernel over (example, channel block):",
+        "  the block's k x k filters are mixed from the E experts into an L1 buffer and used at once (the",
+        "  B per-example weights are never written out). NCHW planes are convolved in a zero-padded \"wide\"",
+        "  layout (one long axpy per tap); NHWC runs along the channels (one panel FMA per output row and tap).",
+        "- everything else (1x1, strided 1x1, dense and grouped k x k): `cond_conv2d.cpp`, mix + GEMM. The input",
+        "  is used in place (stride-1 unpadded 1x1) or laid out once by im2col (`im2col.h`, any padding, both",
+        "  formats); output channels are walked in tiles; for each tile one pass of the mixing kernel",
+        "  (`mixing.h`) reads the expert tile once and mixes it for every example, and per-example GEMMs",
+        "  (`at::mm`, MKL) consume it from cache. The backward walks the same tiles and reduces each tile's",
+        "  per-example weight gradients into dW_e and dr with two GEMMs, so all B dW_b never exist at once.",
+        "- tile heuristic (`plan_tiling`): im2col columns of a run of examples <= 16 MiB; a tile of mixed",
+        "  weights for the run <= 2 MiB (the L2 of one core) but never thinner than 32 output channels; at",
+        "  batch 1 at least two tiles so both threads' GEMMs have work. `whole` (below) is strategy (a),",
+        "  mixing every per-example weight before the GEMMs; `tiled` is strategy (b).",
         "",
         "## Method",
         "",
