@@ -134,8 +134,9 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
   at::Tensor mixed = at::empty({n, T * Kg}, weight_flat.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mixed.scalar_type(), "cond_conv2d_mix", [&] {
     mixing::mix_columns<at::opmath_type<scalar_t>, scalar_t>(
-        routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), weight_flat.const_data_ptr<scalar_t>() + o0 * Kg,
-        weight_flat.size(1), routing.size(1), n, T * Kg, mixed.mutable_data_ptr<scalar_t>());
+        routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), routing.size(1), 1,
+        weight_flat.const_data_ptr<scalar_t>() + o0 * Kg, weight_flat.size(1), routing.size(1), n, T * Kg,
+        mixed.mutable_data_ptr<scalar_t>(), T * Kg, false);
   });
   if (channels_last && taps > 1)  // (c, kh, kw) -> (kh, kw, c) to match the NHWC columns
     return mixed.view({n, T, Cg, taps}).transpose(2, 3).contiguous().view({n, T, Kg});
@@ -217,7 +218,6 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   at::Tensor grad_routing = mask[1] ? at::empty_like(routing) : empty();
   at::Tensor grad_weight = mask[2] ? at::empty_like(weight) : empty();
   at::Tensor grad_bias = empty();
-  at::Tensor grad_weight_flat = mask[2] ? grad_weight.view({E, -1}) : grad_weight;
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
     const int64_t n = std::min(tiling.chunk, g.batch - b0);
@@ -268,22 +268,21 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
         if (channels_last && taps > 1)  // (kh, kw, c) -> (c, kh, kw), the weight's order
           dw_flat = dw_tile.view({n, T, taps, Cg}).transpose(2, 3).contiguous();
         dw_flat = dw_flat.view({n, T * Kg});
-        const at::Tensor r = routing.narrow(0, b0, n);
-        if (mask[2]) {
-          at::Tensor gw = grad_weight_flat.narrow(1, o0 * Kg, T * Kg);
-          if (b0 == 0)
-            at::mm_out(gw, r.t(), dw_flat);
-          else
-            gw.addmm_(r.t(), dw_flat);
-        }
-        if (mask[1]) {
-          at::Tensor gr = grad_routing.narrow(0, b0, n);
-          const at::Tensor w_tile = weight_flat.narrow(1, o0 * Kg, T * Kg);
-          if (first_tile)
-            at::mm_out(gr, dw_flat, w_tile.t());
-          else
-            gr.addmm_(dw_flat, w_tile.t());
-        }
+        // dW_e += sum_b r[b, e] dW_b and dr[b, e] += <dW_b, W_e> over this tile: GEMMs with an inner
+        // dimension of n or E, run by the mixing kernels that stream the E x tile rows once.
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_reduce", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;
+          if (mask[2])
+            mixing::mix_columns<acc_t, scalar_t>(r, 1, E, dw_flat.const_data_ptr<scalar_t>(), T * Kg, n, E, T * Kg,
+                                                 grad_weight.mutable_data_ptr<scalar_t>() + o0 * Kg,
+                                                 g.out_channels * Kg, b0 > 0);
+          if (mask[1])
+            mixing::dot_columns<acc_t, scalar_t>(dw_flat.const_data_ptr<scalar_t>(), T * Kg, n,
+                                                 weight.const_data_ptr<scalar_t>() + o0 * Kg, g.out_channels * Kg, E,
+                                                 T * Kg, grad_routing.mutable_data_ptr<scalar_t>() + b0 * E,
+                                                 !first_tile);
+        });
         first_tile = false;
       }
     }
