@@ -93,6 +93,7 @@ def test_mix_gemm_path(case, channels_last):
 
 # Shapes that make plan_tiling (csrc/cpu/cond_conv2d.cpp) cut the work in several ways; the
 # arithmetic assumes its budgets (16 MiB of columns per run, 2 MiB per mixed tile, tiles >= 32).
+# These mixed weights are small enough that "auto" mixes them whole; "tiled" forces the tiles.
 TILING_CASES = {
     # 1x1, columns are x itself so one run of 16 examples; 2 MiB / (16 * 256 * 8 B) = 64 channels
     # per tile: tiles of 64, 64, 32 over Cout = 160.

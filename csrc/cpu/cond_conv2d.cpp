@@ -69,6 +69,10 @@ constexpr int64_t kColsBudgetBytes = 16 << 20;
 constexpr int64_t kMixTileBudgetBytes = 2 << 20;
 // Narrower tiles make the per-example GEMMs too thin to run near peak.
 constexpr int64_t kMinTile = 32;
+// Up to this many bytes of mixed weights per run, mixing them all before the GEMMs (one tile per
+// group) beat cache-sized tiles in bench/bench_cond_conv2d.py (pointwise 512 at B = 32, E = 4:
+// 34 MB); beyond it the tiles won (pointwise 2048->512 at B = 32, E = 32: 134 MB). Twice the L3.
+constexpr int64_t kWholeBudgetBytes = 64 << 20;
 
 struct Tiling {
   int64_t chunk;  // examples per run
@@ -84,6 +88,8 @@ Tiling plan_tiling(const ConvGeometry& g, bool direct_input, int64_t element_siz
       cols_bytes == 0 ? g.batch : std::clamp<int64_t>(kColsBudgetBytes / cols_bytes, 1, g.batch);
   const TilingPolicy policy = tiling_policy();
   if (policy == TilingPolicy::Whole) return {chunk, cout_g};
+  if (policy == TilingPolicy::Auto && chunk > 1 && chunk * g.out_channels * Kg * element_size <= kWholeBudgetBytes)
+    return {chunk, cout_g};
   int64_t tile = kMixTileBudgetBytes / std::max<int64_t>(1, chunk * Kg * element_size);
   tile = std::max(tile, std::min(kMinTile, cout_g));
   if (tile > 8) tile -= tile % 8;
