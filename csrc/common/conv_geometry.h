@@ -46,3 +46,19 @@ CK_INLINE int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int6
 }
 
 }  // namespace condkernels
+
+namespace condkernels {
+
+// Output positions [lo, hi) of one spatial dimension whose input index o * stride - pad_begin +
+// tap_offset (tap_offset = k * dilation) falls inside [0, in); empty when lo >= hi.
+CK_INLINE void conv_valid_out_range(int64_t in, int64_t out, int64_t stride, int64_t pad_begin,
+                                    int64_t tap_offset, int64_t* lo, int64_t* hi) {
+  const int64_t first = pad_begin - tap_offset;        // smallest o * stride that lands inside
+  const int64_t last = in - 1 + pad_begin - tap_offset;  // largest o * stride that lands inside
+  *lo = first <= 0 ? 0 : (first + stride - 1) / stride;
+  *hi = last < 0 ? 0 : last / stride + 1;
+  if (*hi > out) *hi = out;
+  if (*lo > *hi) *lo = *hi;
+}
+
+}  // namespace condkernels

@@ -1,83 +1,408 @@
-// CPU kernels of cond_conv2d.
-// BASELINE: mixes per-example weights with one GEMM and runs them as one grouped convolution.
+// CPU kernels of cond_conv2d, forward and backward.
+//
+// Three paths, chosen by shape:
+// - depthwise (groups == Cin == Cout): direct kernel (cpu/depthwise.h) that mixes each example's
+//   k x k filters where they are used and never materialises the mixed weights.
+// - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
+//   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
+//   output channels are walked in tiles: one GEMM routing[chunk] @ W[:, tile] reads each expert tile
+//   once and mixes it for every example of the chunk, then per-example GEMMs consume the mixed tile
+//   while it is still in cache. With one tile covering every output channel this is plain
+//   "mix all per-example weights, then batched GEMM"; the tile size is the only difference between the
+//   two, and it is picked from cache budgets (plan_tiling, measured by bench/bench_cond_conv2d.py).
+// The backward walks the same tiles: per-example weight gradients dW_b exist one tile at a time and
+// are reduced at once into dW_e = sum_b r[b,e] dW_b and dr[b,e] += <dW_b, W_e> by two GEMMs.
+//
+// Memory formats: NCHW and channels_last inputs both run without a copy; the output (and, in the
+// backward, grad_x) is in x's format and grad_out is expected in it too.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/depthwise.h"
+#include "cpu/im2col.h"
+#include "cpu/mixing.h"
 #include "ops/cond_conv2d.h"
 
 namespace condkernels {
 namespace {
 
-at::Tensor pad_if_asymmetric(const at::Tensor& x, const ConvGeometry& g) {
-  if (g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end) return x;
-  return at::constant_pad_nd(x, {g.pad_w_begin, g.pad_w_end, g.pad_h_begin, g.pad_h_end}, 0);
+// --- layout -------------------------------------------------------------------------------------
+
+// Mirrors memory_format_of in condkernels/ops/_conv_args.py.
+bool use_channels_last(const at::Tensor& x) {
+  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
 }
 
-at::Tensor cond_conv2d_cpu(const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-                           c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
-  const ConvGeometry g = check_cond_conv2d_args(x, routing, weight, bias, stride, padding, dilation,
-                                                groups);
-  if (g.batch == 0) return at::empty({0, g.out_channels, g.out_h, g.out_w}, x.options());
-  const int64_t E = weight.size(0);
-  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
-  auto mixed = at::mm(routing, weight.reshape({E, -1}))
-                   .view({g.batch * g.out_channels, g.in_channels_per_group(), g.kernel_h, g.kernel_w});
-  std::optional<at::Tensor> mixed_bias;
-  if (bias) mixed_bias = at::mm(routing, *bias).reshape({-1});
-  auto xin = pad_if_asymmetric(x, g).reshape({1, -1, symmetric ? g.in_h : g.in_h + g.pad_h_begin + g.pad_h_end,
-                                               symmetric ? g.in_w : g.in_w + g.pad_w_begin + g.pad_w_end});
-  std::vector<int64_t> pad = symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin}
-                                       : std::vector<int64_t>{0, 0};
-  auto y = at::conv2d(xin, mixed, mixed_bias, stride, pad, dilation, g.batch * groups);
-  return y.view({g.batch, g.out_channels, g.out_h, g.out_w}).contiguous(x.suggest_memory_format());
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cond_conv2d_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& routing,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-    std::array<bool, 4> output_mask) {
-  const ConvGeometry g = check_cond_conv2d_args(x, routing, weight, bias, stride, padding, dilation,
-                                                groups);
-  const int64_t E = weight.size(0);
+// (B, C, H, W) in either format as per-example matrices: (B, C, H*W) for NCHW, (B, H*W, C) for NHWC.
+at::Tensor as_example_matrices(const at::Tensor& t, bool channels_last) {
+  const int64_t B = t.size(0), C = t.size(1), HW = t.size(2) * t.size(3);
+  return channels_last ? t.permute({0, 2, 3, 1}).view({B, HW, C}) : t.view({B, C, HW});
+}
+
+// --- tiling of the mix + GEMM path ----------------------------------------------------------------
+
+enum class TilingPolicy { Auto, Whole, Tiled };
+
+// CONDKERNELS_COND_CONV2D_CPU_TILING=whole|tiled forces one strategy (for the benchmark).
+TilingPolicy tiling_policy() {
+  const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_TILING");
+  if (env == nullptr) return TilingPolicy::Auto;
+  if (std::strcmp(env, "whole") == 0) return TilingPolicy::Whole;
+  if (std::strcmp(env, "tiled") == 0) return TilingPolicy::Tiled;
+  return TilingPolicy::Auto;
+}
+
+// im2col columns of one run of examples stay within this many bytes (they are re-read per tile).
+constexpr int64_t kColsBudgetBytes = 16 << 20;
+// A tile of mixed weights (or of per-example weight gradients) for one run of examples: about the
+// L2 of one core, so the per-example GEMMs read it from cache right after the mixing GEMM wrote it.
+constexpr int64_t kMixTileBudgetBytes = 2 << 20;
+// Narrower tiles make the per-example GEMMs too thin to run near peak.
+constexpr int64_t kMinTile = 32;
+// Up to this many bytes of mixed weights per run, mixing them all before the GEMMs (one tile per
+// group) beat cache-sized tiles in bench/bench_cond_conv2d.py (pointwise 512 at B = 32, E = 4:
+// 34 MB); beyond it the tiles won (pointwise 2048->512 at B = 32, E = 32: 134 MB). Twice the L3.
+constexpr int64_t kWholeBudgetBytes = 64 << 20;
+
+struct Tiling {
+  int64_t chunk;  // examples per run
+  int64_t tile;   // output channels per tile (within one group)
+};
+
+Tiling plan_tiling(const ConvGeometry& g, bool direct_input, int64_t element_size) {
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t Kg = g.in_channels_per_group() * taps;
+  const int64_t cout_g = g.out_channels_per_group();
+  const int64_t cols_bytes = direct_input ? 0 : g.in_channels * taps * g.out_h * g.out_w * element_size;
+  const int64_t chunk =
+      cols_bytes == 0 ? g.batch : std::clamp<int64_t>(kColsBudgetBytes / cols_bytes, 1, g.batch);
+  const TilingPolicy policy = tiling_policy();
+  if (policy == TilingPolicy::Whole) return {chunk, cout_g};
+  if (policy == TilingPolicy::Auto && chunk > 1 && chunk * g.out_channels * Kg * element_size <= kWholeBudgetBytes)
+    return {chunk, cout_g};
+  int64_t tile = kMixTileBudgetBytes / std::max<int64_t>(1, chunk * Kg * element_size);
+  tile = std::max(tile, std::min(kMinTile, cout_g));
+  if (tile > 8) tile -= tile % 8;
+  // The GEMM library parallelises each product when a run holds fewer examples than threads; give
+  // it at least one tile per thread to share out at batch 1 as well.
+  if (policy == TilingPolicy::Auto && tile >= cout_g && chunk == 1 && cout_g >= 2 * kMinTile)
+    tile = (cout_g + 1) / 2;
+  return {chunk, std::min(tile, cout_g)};
+}
+
+// Runs f(b) for b in [0, n): in parallel over examples when there are enough of them, otherwise in
+// order so that the GEMMs inside f get the threads.
+template <typename F>
+void for_each_example(int64_t n, const F& f) {
+  if (n > 1 && n >= at::get_num_threads()) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) f(b);
+    });
+  } else {
+    for (int64_t b = 0; b < n; ++b) f(b);
+  }
+}
+
+// Per-example columns of examples [b0, b0 + n): x itself for a stride-1 unpadded 1x1, else im2col.
+at::Tensor example_columns(const ConvGeometry& g, bool channels_last, bool direct_input,
+                           const at::Tensor& x, int64_t b0, int64_t n) {
+  if (direct_input) return as_example_matrices(x, channels_last).narrow(0, b0, n);
+  const int64_t K = g.in_channels * g.kernel_h * g.kernel_w, P = g.out_h * g.out_w;
+  at::Tensor cols = at::empty(channels_last ? std::vector<int64_t>{n, P, K} : std::vector<int64_t>{n, K, P},
+                              x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_im2col", [&] {
+    im2col::gather<scalar_t>(g, channels_last, x.const_data_ptr<scalar_t>() + b0 * x.stride(0), n,
+                             cols.mutable_data_ptr<scalar_t>());
+  });
+  return cols;
+}
+
+// The block of example b's columns that group `grp` reads: (Kg, P) in NCHW, (P, Kg) in NHWC.
+at::Tensor group_columns(const at::Tensor& cols_b, bool channels_last, int64_t grp, int64_t Kg) {
+  return channels_last ? cols_b.narrow(1, grp * Kg, Kg) : cols_b.narrow(0, grp * Kg, Kg);
+}
+
+// Mixed weights of output channels [o0, o0 + T) for examples [b0, b0 + n): (n, T, Kg), with the
+// columns in the order `example_columns` uses for this layout.
+at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, const ConvGeometry& g,
+                    bool channels_last, int64_t b0, int64_t n, int64_t o0, int64_t T) {
+  const int64_t taps = g.kernel_h * g.kernel_w, Cg = g.in_channels_per_group(), Kg = Cg * taps;
+  at::Tensor mixed = at::empty({n, T * Kg}, weight_flat.options());
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mixed.scalar_type(), "cond_conv2d_mix", [&] {
+    mixing::mix_columns<at::opmath_type<scalar_t>, scalar_t>(
+        routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), routing.size(1), 1,
+        weight_flat.const_data_ptr<scalar_t>() + o0 * Kg, weight_flat.size(1), routing.size(1), n, T * Kg,
+        mixed.mutable_data_ptr<scalar_t>(), T * Kg, false);
+  });
+  if (channels_last && taps > 1)  // (c, kh, kw) -> (kh, kw, c) to match the NHWC columns
+    return mixed.view({n, T, Cg, taps}).transpose(2, 3).contiguous().view({n, T, Kg});
+  return mixed.view({n, T, Kg});
+}
+
+at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
+                            const at::Tensor& routing, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias) {
+  const int64_t E = weight.size(0), taps = g.kernel_h * g.kernel_w;
+  const int64_t Kg = g.in_channels_per_group() * taps, cout_g = g.out_channels_per_group();
+  const int64_t P = g.out_h * g.out_w;
+  const bool direct_input = g.is_pointwise();
+  const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
+  const at::Tensor weight_flat = weight.view({E, -1});
+  at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                           x.options().memory_format(format_of(channels_last)));
+  at::Tensor y_rows = as_example_matrices(y, channels_last);
+  const std::optional<at::Tensor> mixed_bias =
+      bias ? std::optional<at::Tensor>(at::mm(routing, *bias)) : std::nullopt;
+
+  for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
+    const int64_t n = std::min(tiling.chunk, g.batch - b0);
+    const at::Tensor cols = example_columns(g, channels_last, direct_input, x, b0, n);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
+        const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
+        const at::Tensor mixed = mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T);
+        for_each_example(n, [&](int64_t i) {
+          const at::Tensor cols_g = group_columns(cols[i], channels_last, grp, Kg);
+          if (channels_last) {  // (P, T) = (P, Kg) @ (Kg, T)
+            at::Tensor out = y_rows[b0 + i].narrow(1, o0, T);
+            if (mixed_bias)
+              at::addmm_out(out, (*mixed_bias)[b0 + i].narrow(0, o0, T).unsqueeze(0).expand({P, T}), cols_g,
+                            mixed[i].t());
+            else
+              at::mm_out(out, cols_g, mixed[i].t());
+          } else {  // (T, P) = (T, Kg) @ (Kg, P)
+            at::Tensor out = y_rows[b0 + i].narrow(0, o0, T);
+            if (mixed_bias)
+              at::addmm_out(out, (*mixed_bias)[b0 + i].narrow(0, o0, T).unsqueeze(1).expand({T, P}), mixed[i],
+                            cols_g);
+            else
+              at::mm_out(out, mixed[i], cols_g);
+          }
+        });
+      }
+    }
+  }
+  return y;
+}
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// grad_routing += db_b @ bias^T and grad_bias = routing^T @ db_b, with db_b = sum of grad_out over
+// space, in the accumulation type.
+void bias_gradients(const at::Tensor& grad_out, const at::Tensor& routing, const at::Tensor& bias,
+                    std::array<bool, 4> mask, at::Tensor& grad_routing, at::Tensor& grad_bias) {
+  const auto acc_type = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor db = grad_out.sum({2, 3}, false, acc_type);  // (B, Cout)
+  if (mask[3]) grad_bias = at::mm(routing.t().to(acc_type), db).to(bias.scalar_type());
+  if (mask[1]) grad_routing.add_(at::mm(db, bias.t().to(acc_type)).to(grad_routing.scalar_type()));
+}
+
+Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& grad_out,
+                        const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
+  const int64_t E = weight.size(0), taps = g.kernel_h * g.kernel_w;
+  const int64_t Cg = g.in_channels_per_group(), Kg = Cg * taps, cout_g = g.out_channels_per_group();
+  const bool direct_input = g.is_pointwise();
+  const bool need_dw = mask[1] || mask[2];
+  const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
+  const at::Tensor weight_flat = weight.view({E, -1});
+  const at::Tensor go_rows = as_example_matrices(grad_out, channels_last);
   auto empty = [&] { return x.new_empty({0}); };
-  if (g.batch == 0) {
-    return {output_mask[0] ? at::zeros_like(x) : empty(), output_mask[1] ? at::zeros_like(routing) : empty(),
-            output_mask[2] ? at::zeros_like(weight) : empty(),
-            output_mask[3] && bias ? at::zeros_like(*bias) : empty()};
+
+  at::Tensor grad_x = mask[0] ? at::empty_like(x, x.options().memory_format(format_of(channels_last)))
+                              : empty();
+  at::Tensor grad_routing = mask[1] ? at::empty_like(routing) : empty();
+  at::Tensor grad_weight = mask[2] ? at::empty_like(weight) : empty();
+  at::Tensor grad_bias = empty();
+
+  for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
+    const int64_t n = std::min(tiling.chunk, g.batch - b0);
+    const at::Tensor cols = need_dw ? example_columns(g, channels_last, direct_input, x, b0, n) : at::Tensor();
+    // Column gradients: grad_x itself for a stride-1 unpadded 1x1, else a buffer folded by col2im.
+    at::Tensor dcols;
+    if (mask[0]) {
+      if (direct_input) {
+        dcols = as_example_matrices(grad_x, channels_last).narrow(0, b0, n);
+      } else {
+        const int64_t K = g.in_channels * taps, P = g.out_h * g.out_w;
+        dcols = at::empty(channels_last ? std::vector<int64_t>{n, P, K} : std::vector<int64_t>{n, K, P},
+                          x.options().memory_format(at::MemoryFormat::Contiguous));
+      }
+    }
+    bool first_tile = true;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
+        const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
+        const bool first_in_group = t0 == 0;
+        const at::Tensor mixed =
+            mask[0] ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
+        // Per-example weight gradients of this tile, (n, T, Kg) in the columns' order.
+        const at::Tensor dw_tile = need_dw ? at::empty({n, T, Kg}, x.options()) : at::Tensor();
+        for_each_example(n, [&](int64_t i) {
+          const at::Tensor go = channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
+                                              : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
+          if (mask[0]) {
+            at::Tensor dc = group_columns(dcols[i], channels_last, grp, Kg);
+            const at::Tensor a = channels_last ? go : mixed[i].t();
+            const at::Tensor b = channels_last ? mixed[i] : go;
+            if (first_in_group)
+              at::mm_out(dc, a, b);
+            else
+              dc.addmm_(a, b);
+          }
+          if (need_dw) {
+            const at::Tensor cols_g = group_columns(cols[i], channels_last, grp, Kg);
+            at::Tensor dw = dw_tile[i];
+            if (channels_last)
+              at::mm_out(dw, go.t(), cols_g);
+            else
+              at::mm_out(dw, go, cols_g.t());
+          }
+        });
+        if (!need_dw) continue;
+        at::Tensor dw_flat = dw_tile;
+        if (channels_last && taps > 1)  // (kh, kw, c) -> (c, kh, kw), the weight's order
+          dw_flat = dw_tile.view({n, T, taps, Cg}).transpose(2, 3).contiguous();
+        dw_flat = dw_flat.view({n, T * Kg});
+        // dW_e += sum_b r[b, e] dW_b and dr[b, e] += <dW_b, W_e> over this tile: GEMMs with an inner
+        // dimension of n or E, run by the mixing kernels that stream the E x tile rows once.
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_reduce", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;
+          if (mask[2])
+            mixing::mix_columns<acc_t, scalar_t>(r, 1, E, dw_flat.const_data_ptr<scalar_t>(), T * Kg, n, E, T * Kg,
+                                                 grad_weight.mutable_data_ptr<scalar_t>() + o0 * Kg,
+                                                 g.out_channels * Kg, b0 > 0);
+          if (mask[1])
+            mixing::dot_columns<acc_t, scalar_t>(dw_flat.const_data_ptr<scalar_t>(), T * Kg, n,
+                                                 weight.const_data_ptr<scalar_t>() + o0 * Kg, g.out_channels * Kg, E,
+                                                 T * Kg, grad_routing.mutable_data_ptr<scalar_t>() + b0 * E,
+                                                 !first_tile);
+        });
+        first_tile = false;
+      }
+    }
+    if (mask[0] && !direct_input) {
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_col2im", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        im2col::scatter<acc_t, scalar_t>(g, channels_last, dcols.const_data_ptr<scalar_t>(), n,
+                                         grad_x.mutable_data_ptr<scalar_t>() + b0 * x.stride(0));
+      });
+    }
   }
-  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
-  auto mixed = at::mm(routing, weight.reshape({E, -1}))
-                   .view({g.batch * g.out_channels, g.in_channels_per_group(), g.kernel_h, g.kernel_w});
-  auto xpad = pad_if_asymmetric(x, g);
-  auto xin = xpad.reshape({1, -1, xpad.size(2), xpad.size(3)});
-  std::vector<int64_t> pad = symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin}
-                                       : std::vector<int64_t>{0, 0};
-  const bool need_mixed_grad = output_mask[1] || output_mask[2];
-  const bool need_bias_grad = bias.has_value() && (output_mask[1] || output_mask[3]);
-  auto go = grad_out.reshape({1, g.batch * g.out_channels, g.out_h, g.out_w});
-  auto [gx, gmixed, gbias_mixed] = at::convolution_backward(
-      go, xin, mixed, std::vector<int64_t>{g.batch * g.out_channels}, stride, pad, dilation, false,
-      {0, 0}, g.batch * groups, {output_mask[0], need_mixed_grad, need_bias_grad});
-  at::Tensor grad_x = empty(), grad_routing = empty(), grad_weight = empty(), grad_bias = empty();
-  if (output_mask[0]) {
-    grad_x = gx.view_as(xpad);
-    if (!symmetric)
-      grad_x = grad_x.slice(2, g.pad_h_begin, g.pad_h_begin + g.in_h)
-                   .slice(3, g.pad_w_begin, g.pad_w_begin + g.in_w)
-                   .contiguous();
-    grad_x = grad_x.contiguous(x.suggest_memory_format());
-  }
-  at::Tensor gmixed_b = need_mixed_grad ? gmixed.reshape({g.batch, -1}) : empty();
-  at::Tensor gbias_b = need_bias_grad ? gbias_mixed.view({g.batch, g.out_channels}) : empty();
-  if (output_mask[2]) grad_weight = at::mm(routing.t(), gmixed_b).view_as(weight);
-  if (output_mask[3] && bias) grad_bias = at::mm(routing.t(), gbias_b);
-  if (output_mask[1]) {
-    grad_routing = at::mm(gmixed_b, weight.reshape({E, -1}).t());
-    if (bias) grad_routing = grad_routing + at::mm(gbias_b, bias->t());
-  }
+  if (bias && (mask[1] || mask[3])) bias_gradients(grad_out, routing, *bias, mask, grad_routing, grad_bias);
   return {grad_x, grad_routing, grad_weight, grad_bias};
+}
+
+// --- depthwise ------------------------------------------------------------------------------------
+
+at::Tensor forward_depthwise(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
+                             const at::Tensor& routing, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                           x.options().memory_format(format_of(channels_last)));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_depthwise", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    depthwise::forward<acc_t, scalar_t>(g, channels_last, x.const_data_ptr<scalar_t>(),
+                                        routing.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                        bias ? bias->const_data_ptr<scalar_t>() : nullptr, weight.size(0),
+                                        y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+Grads backward_depthwise(const ConvGeometry& g, bool channels_last, const at::Tensor& grad_out,
+                         const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
+  const int64_t E = weight.size(0), C = g.in_channels, taps = g.kernel_h * g.kernel_w;
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool need_dw = mask[1] || mask[2];
+  const bool need_db = bias.has_value() && (mask[1] || mask[3]);
+  auto empty = [&] { return x.new_empty({0}); };
+  at::Tensor grad_x = mask[0] ? at::empty_like(x, x.options().memory_format(format_of(channels_last)))
+                              : empty();
+  // Per-example filter gradients are only B*C*k*k numbers for a depthwise conv: kept whole.
+  at::Tensor dw_b = need_dw ? at::empty({g.batch, C * taps}, x.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor db_b = need_db ? at::empty({g.batch, C}, x.options().dtype(acc_type)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_depthwise_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    depthwise::backward<acc_t, scalar_t>(
+        g, channels_last, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        routing.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), E,
+        mask[0] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+        need_dw ? dw_b.mutable_data_ptr<acc_t>() : nullptr, need_db ? db_b.mutable_data_ptr<acc_t>() : nullptr);
+  });
+  const at::Tensor r = routing.to(acc_type);
+  at::Tensor grad_routing = empty(), grad_weight = empty(), grad_bias = empty();
+  if (mask[2]) grad_weight = at::mm(r.t(), dw_b).to(x.scalar_type()).view_as(weight);
+  if (mask[1]) grad_routing = at::mm(dw_b, weight.view({E, -1}).t().to(acc_type));
+  if (need_db) {
+    if (mask[3]) grad_bias = at::mm(r.t(), db_b).to(x.scalar_type());
+    if (mask[1]) grad_routing.add_(at::mm(db_b, bias->t().to(acc_type)));
+  }
+  if (mask[1]) grad_routing = grad_routing.to(x.scalar_type());
+  return {grad_x, grad_routing, grad_weight, grad_bias};
+}
+
+// --- entry points ---------------------------------------------------------------------------------
+
+at::Tensor cond_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& routing_in, const at::Tensor& weight_in,
+                           const std::optional<at::Tensor>& bias_in, c10::IntArrayRef stride,
+                           c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  // The ATen products below are pieces of this kernel, not graph nodes of their own.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = check_cond_conv2d_args(x_in, routing_in, weight_in, bias_in, stride, padding,
+                                                dilation, groups);
+  const bool channels_last = use_channels_last(x_in);
+  if (g.batch == 0)
+    return at::empty({0, g.out_channels, g.out_h, g.out_w}, x_in.options().memory_format(format_of(channels_last)));
+  // Inputs that are in neither dense format (slices, expanded views) are made dense once.
+  const at::Tensor x = x_in.contiguous(format_of(channels_last));
+  const at::Tensor routing = routing_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  if (g.is_depthwise()) return forward_depthwise(g, channels_last, x, routing, weight, bias);
+  return forward_mix_gemm(g, channels_last, x, routing, weight, bias);
+}
+
+Grads cond_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                               const at::Tensor& routing_in, const at::Tensor& weight_in,
+                               const std::optional<at::Tensor>& bias_in, c10::IntArrayRef stride,
+                               c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                               std::array<bool, 4> output_mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const ConvGeometry g = check_cond_conv2d_args(x_in, routing_in, weight_in, bias_in, stride, padding,
+                                                dilation, groups);
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == g.batch && grad_out_in.size(1) == g.out_channels &&
+                  grad_out_in.size(2) == g.out_h && grad_out_in.size(3) == g.out_w,
+              "cond_conv2d backward: grad_out must have shape (", g.batch, ", ", g.out_channels, ", ", g.out_h,
+              ", ", g.out_w, "), got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), "cond_conv2d backward: grad_out has dtype ",
+              grad_out_in.scalar_type(), " but x has ", x_in.scalar_type());
+  std::array<bool, 4> mask = output_mask;
+  mask[3] = mask[3] && bias_in.has_value();
+  auto empty = [&] { return x_in.new_empty({0}); };
+  if (g.batch == 0) {
+    return {mask[0] ? at::zeros_like(x_in) : empty(), mask[1] ? at::zeros_like(routing_in) : empty(),
+            mask[2] ? at::zeros_like(weight_in) : empty(), mask[3] ? at::zeros_like(*bias_in) : empty()};
+  }
+  if (!(mask[0] || mask[1] || mask[2] || mask[3])) return {empty(), empty(), empty(), empty()};
+  const bool channels_last = use_channels_last(x_in);
+  const at::MemoryFormat format = format_of(channels_last);
+  const at::Tensor x = x_in.contiguous(format), grad_out = grad_out_in.contiguous(format);
+  const at::Tensor routing = routing_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  if (g.is_depthwise()) return backward_depthwise(g, channels_last, grad_out, x, routing, weight, bias, mask);
+  return backward_mix_gemm(g, channels_last, grad_out, x, routing, weight, bias, mask);
 }
 
 }  // namespace

@@ -1,0 +1,101 @@
+// Mixing of expert tensors on the CPU: out[b, :] = sum_e routing[b, e] * w[e, :] over a run of
+// columns of the flattened experts (and, in the backward, the same with routing transposed, and the
+// matching dot products). A GEMM with a tiny inner dimension (E) and a huge N, which BLAS
+// libraries run far below the bandwidth it needs; here each block of expert columns is read once
+// from memory and reused from cache for every example, four experts and four examples per pass
+// over a block.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/row_kernels.h"
+
+namespace condkernels::mixing {
+
+// Expert columns mixed per block: long enough runs per expert row for the hardware prefetcher, and
+// E * kColumnBlock elements that stay in L2 while every example re-reads them.
+constexpr int64_t kColumnBlock = 2048;
+
+// acc[k * kColumnBlock + i] += sum_e r[(b0 + k) * experts + e] * w[e * ld + i], k < NB, i < n
+// (n <= kColumnBlock when NB > 1), four experts per pass.
+template <int NB, typename A, typename T>
+void mix_into(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, int64_t n, A* acc) {
+  A r4[4 * NB];
+  for (int64_t e0 = 0; e0 < experts; e0 += 4) {
+    const T* wr[4];
+    for (int64_t j = 0; j < 4; ++j) {  // past the last expert: any valid row, coefficient zero
+      wr[j] = w + std::min(e0 + j, experts - 1) * ld;
+      for (int64_t k = 0; k < NB; ++k) r4[4 * k + j] = e0 + j < experts ? r[(b0 + k) * experts + e0 + j] : A(0);
+    }
+    if constexpr (NB == 4)
+      rows::mix4_rows4(acc, kColumnBlock, wr[0], wr[1], wr[2], wr[3], r4, n);
+    else
+      rows::mix4_rows1(acc, wr[0], wr[1], wr[2], wr[3], r4, n);
+  }
+}
+
+// Mixes rows [b0, b0 + NB) of the output over columns [c0, c0 + nc); adds to out when accumulate.
+template <int NB, typename A, typename T>
+void mix_block(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, int64_t c0, int64_t nc,
+               int64_t out_ld, bool accumulate, A* acc, T* out) {
+  std::fill(acc, acc + NB * kColumnBlock, A(0));
+  mix_into<NB>(r, w + c0, ld, experts, b0, nc, acc);
+  for (int64_t k = 0; k < NB; ++k) {
+    T* dst = out + (b0 + k) * out_ld + c0;
+    const A* src = acc + k * kColumnBlock;
+    if (accumulate) {
+      for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(static_cast<A>(dst[i]) + src[i]);
+    } else {
+      for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(src[i]);
+    }
+  }
+}
+
+// out[b, :n_cols] (=|+=) sum_e coef(b, e) * w[e, :n_cols], with coef(b, e) = coefs[b * cs0 + e * cs1]
+// (so a transposed routing is a stride swap), w rows `ld` apart and out rows `out_ld` apart.
+template <typename A, typename T>
+void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t ld, int64_t experts,
+                 int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, bool accumulate) {
+  const int64_t n_blocks = (n_cols + kColumnBlock - 1) / kColumnBlock;
+  std::vector<A> r(n_out * experts);
+  for (int64_t b = 0; b < n_out; ++b)
+    for (int64_t e = 0; e < experts; ++e) r[b * experts + e] = static_cast<A>(coefs[b * cs0 + e * cs1]);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(4 * kColumnBlock);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
+      int64_t b = 0;
+      for (; b + 4 <= n_out; b += 4)
+        mix_block<4>(r.data(), w, ld, experts, b, c0, nc, out_ld, accumulate, acc.data(), out);
+      for (; b < n_out; ++b) mix_block<1>(r.data(), w, ld, experts, b, c0, nc, out_ld, accumulate, acc.data(), out);
+    }
+  });
+}
+
+// out[b, e] (=|+=) <a[b, :n_cols], w[e, :n_cols]> for b < n_rows, e < experts (rows `a_ld` and `ld`
+// apart, out dense (n_rows, experts)): the routing gradient of a tile, reading each expert row once.
+template <typename A, typename T>
+void dot_columns(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t ld, int64_t experts,
+                 int64_t n_cols, T* out, bool accumulate) {
+  const int64_t n_blocks = (n_cols + kColumnBlock - 1) / kColumnBlock;
+  std::vector<A> partial(n_blocks * n_rows * experts);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
+      A* part = partial.data() + blk * n_rows * experts;
+      for (int64_t e = 0; e < experts; ++e)
+        for (int64_t b = 0; b < n_rows; ++b)
+          part[b * experts + e] = rows::dot_strided(a + b * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
+    }
+  });
+  for (int64_t k = 0; k < n_rows * experts; ++k) {
+    A s = accumulate ? static_cast<A>(out[k]) : A(0);
+    for (int64_t blk = 0; blk < n_blocks; ++blk) s += partial[blk * n_rows * experts + k];
+    out[k] = static_cast<T>(s);
+  }
+}
+
+}  // namespace condkernels::mixing

@@ -1,0 +1,197 @@
+"""The CPU kernels of cond_conv2d path by path: direct depthwise (NCHW and NHWC), mix + GEMM with
+one or several output-channel tiles and runs of examples, strided 1x1, asymmetric padding given to
+the op itself, bfloat16, channels_last with odd shapes and every output_mask of the backward, each
+against the float64 per-example oracle."""
+
+import itertools
+
+import pytest
+import torch
+
+from test_cond_conv2d import make_inputs, per_example_oracle
+
+OP = torch.ops.condkernels.cond_conv2d.default
+BACKWARD = torch.ops.condkernels._cond_conv2d_backward.default
+TILING_ENV = "CONDKERNELS_COND_CONV2D_CPU_TILING"
+
+
+def oracle_with_grads(x, r, w, b, stride, pad4, dilation, groups, grad_out):
+    """Oracle output and the gradients of <y, grad_out> w.r.t. every input, in float64."""
+    leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, r, w, b)]
+    y = per_example_oracle(*leaves, stride, pad4, dilation, groups)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, present, grad_out.double())
+    grads = list(grads) + ([None] if b is None else [])
+    return y.detach(), grads
+
+
+def check_case(batch, cin, cout, experts, k, hw, groups, bias, stride, pad4, dilation, channels_last=False,
+               dtype=torch.float64, tol=1e-9, seed=0):
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, dtype=dtype, seed=seed)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = OP(x, r, w, b, list(stride), list(pad4), list(dilation), groups)
+    grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    y_ref, grads_ref = oracle_with_grads(x, r, w, b, stride, pad4, dilation, groups, grad_out)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    scale = lambda t: max(t.abs().max().item(), 1.0)  # noqa: E731
+    assert (y.double() - y_ref).abs().max().item() <= tol * scale(y_ref)
+    go = grad_out.to(dtype).contiguous(memory_format=fmt)
+    grads = BACKWARD(go, x, r, w, b, list(stride), list(pad4), list(dilation), groups, [True] * 4)
+    assert grads[0].is_contiguous(memory_format=fmt)
+    for name, got, want in zip(("x", "routing", "weight", "bias"), grads, grads_ref):
+        if want is None:
+            assert got.shape == (0,), name
+            continue
+        assert got.shape == want.shape, name
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * scale(want), f"grad {name}: {err}"
+
+
+# (batch, cin, cout, experts, k, hw, groups, bias, stride, pad4 (h0, h1, w0, w1), dilation)
+DEPTHWISE = {
+    "k3": (3, 6, 6, 4, 3, (9, 8), 6, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "k5_stride2": (2, 5, 5, 3, 5, (11, 10), 5, False, (2, 2), (2, 2, 2, 2), (1, 1)),
+    "k3_dilation2": (2, 4, 4, 2, 3, (9, 9), 4, True, (1, 1), (2, 2, 2, 2), (2, 2)),
+    "asymmetric_pad": (2, 4, 4, 3, 3, (8, 7), 4, True, (2, 2), (0, 1, 1, 0), (1, 1)),
+    "rect_3x1_stride_21": (2, 3, 3, 2, (3, 1), (7, 6), 3, True, (2, 1), (1, 2, 0, 1), (1, 1)),
+    "k7_valid": (1, 3, 3, 5, 7, (9, 10), 3, False, (1, 1), (0, 0, 0, 0), (1, 1)),
+    "large_E": (5, 8, 8, 40, 3, (6, 6), 8, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "many_channels": (2, 70, 70, 3, 3, (5, 6), 70, True, (1, 2), (1, 1, 1, 1), (1, 1)),  # > 1 NHWC block
+}
+
+MIX_GEMM = {
+    "pointwise": (3, 8, 12, 4, 1, (5, 6), 1, True, (1, 1), (0, 0, 0, 0), (1, 1)),
+    "pointwise_grouped": (2, 8, 12, 3, 1, (5, 4), 4, False, (1, 1), (0, 0, 0, 0), (1, 1)),
+    "pointwise_stride2": (3, 6, 10, 3, 1, (7, 8), 1, True, (2, 2), (0, 0, 0, 0), (1, 1)),
+    "pointwise_padded": (2, 5, 7, 2, 1, (4, 5), 1, True, (1, 1), (1, 0, 0, 1), (1, 1)),
+    "dense_k3": (3, 5, 9, 4, 3, (7, 8), 1, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "dense_k3_stride2_asym": (2, 4, 6, 3, 3, (8, 9), 1, False, (2, 2), (0, 1, 1, 0), (1, 1)),
+    "dense_k5_dilation2": (2, 3, 4, 2, 5, (12, 11), 1, True, (1, 1), (4, 4, 4, 4), (2, 2)),
+    "grouped_k3": (3, 8, 12, 5, 3, (6, 7), 4, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "depth_multiplier_2": (2, 4, 8, 3, 3, (6, 6), 4, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    "rect_1x3": (2, 4, 6, 2, (1, 3), (5, 7), 1, True, (1, 1), (0, 0, 1, 1), (1, 1)),
+    "large_E": (6, 4, 6, 48, 3, (5, 5), 1, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    # Batch not a multiple of the four examples mixed per pass, experts not a multiple of four.
+    "batch9_E7": (9, 6, 8, 7, 3, (5, 4), 2, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(DEPTHWISE), ids=list(DEPTHWISE))
+def test_depthwise_direct_kernel(case, channels_last):
+    check_case(*DEPTHWISE[case], channels_last=channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(MIX_GEMM), ids=list(MIX_GEMM))
+def test_mix_gemm_path(case, channels_last):
+    check_case(*MIX_GEMM[case], channels_last=channels_last)
+
+
+# Shapes that make plan_tiling (csrc/cpu/cond_conv2d.cpp) cut the work in several ways; the
+# arithmetic assumes its budgets (16 MiB of columns per run, 2 MiB per mixed tile, tiles >= 32).
+# These mixed weights are small enough that "auto" mixes them whole; "tiled" forces the tiles.
+TILING_CASES = {
+    # 1x1, columns are x itself so one run of 16 examples; 2 MiB / (16 * 256 * 8 B) = 64 channels
+    # per tile: tiles of 64, 64, 32 over Cout = 160.
+    "pointwise_three_tiles": (16, 256, 160, 3, 1, (4, 4), 1, True, (1, 1), (0, 0, 0, 0), (1, 1)),
+    # Same with 2 groups of 80 output channels: tiles of 64 and 16 inside each group.
+    "pointwise_tiles_in_groups": (16, 256, 160, 3, 1, (4, 4), 2, True, (1, 1), (0, 0, 0, 0), (1, 1)),
+    # 3x3 with 48 * 9 * 62 * 62 * 8 B = 13.3 MiB of columns per example: runs of one example.
+    "dense_k3_runs_of_one": (3, 48, 8, 2, 3, (62, 62), 1, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+    # Batch 1, one tile would cover all 64 channels: split in two so both threads get a GEMM.
+    "batch1_split": (1, 8, 64, 4, 3, (6, 6), 1, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("policy", ["auto", "whole", "tiled"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(TILING_CASES), ids=list(TILING_CASES))
+def test_tiling_strategies_agree_with_oracle(case, channels_last, policy, monkeypatch):
+    monkeypatch.setenv(TILING_ENV, policy)
+    check_case(*TILING_CASES[case], channels_last=channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "case", ["depthwise:k3", "depthwise:asymmetric_pad", "mix:pointwise", "mix:dense_k3", "mix:grouped_k3"]
+)
+def test_bfloat16_accumulates_in_float(case, channels_last):
+    family, name = case.split(":")
+    args = (DEPTHWISE if family == "depthwise" else MIX_GEMM)[name]
+    check_case(*args, channels_last=channels_last, dtype=torch.bfloat16, tol=4e-2)
+
+
+@pytest.mark.parametrize("case", ["depthwise:k3", "mix:dense_k3", "mix:pointwise"])
+def test_float32(case):
+    family, name = case.split(":")
+    args = (DEPTHWISE if family == "depthwise" else MIX_GEMM)[name]
+    check_case(*args, dtype=torch.float32, tol=1e-5)
+    check_case(*args, dtype=torch.float32, tol=1e-5, channels_last=True)
+
+
+def test_channels_last_odd_shapes():
+    # Odd channel counts, odd and rectangular planes, batch 1, all three families.
+    check_case(1, 5, 7, 3, 3, (7, 9), 1, True, (2, 1), (1, 0, 2, 1), (1, 1), channels_last=True)
+    check_case(1, 7, 7, 3, 3, (9, 5), 7, True, (1, 2), (1, 1, 0, 2), (1, 1), channels_last=True)
+    check_case(3, 9, 5, 2, 1, (3, 7), 1, False, (1, 1), (0, 0, 0, 0), (1, 1), channels_last=True)
+
+
+MASKS = [list(m) for m in itertools.product([False, True], repeat=4)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3"])
+def test_every_output_mask(family, bias):
+    args = {
+        "depthwise": (2, 4, 4, 3, 3, (6, 5), 4, bias, (1, 1), (1, 1, 1, 1), (1, 1)),
+        "pointwise": (2, 4, 6, 3, 1, (5, 5), 1, bias, (1, 1), (0, 0, 0, 0), (1, 1)),
+        "dense_k3": (2, 4, 6, 3, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
+    }[family]
+    batch, cin, cout, experts, k, hw, groups, _, stride, pad4, dilation = args
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, seed=5)
+    y = OP(x, r, w, b, list(stride), list(pad4), list(dilation), groups)
+    grad_out = torch.randn_like(y)
+    _, want = oracle_with_grads(x, r, w, b, stride, pad4, dilation, groups, grad_out)
+    for mask in MASKS:
+        got = BACKWARD(grad_out, x, r, w, b, list(stride), list(pad4), list(dilation), groups, mask)
+        for i, (g, ref) in enumerate(zip(got, want)):
+            if mask[i] and ref is not None:
+                torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+            else:
+                assert g.shape == (0,), (mask, i)
+        for a, c in itertools.combinations(got, 2):
+            assert not torch._C._is_alias_of(a, c), mask
+
+
+@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3"])
+def test_batch_zero_and_one(family):
+    cin, cout, groups, k = {"depthwise": (4, 4, 4, 3), "pointwise": (4, 6, 1, 1), "dense_k3": (4, 6, 1, 3)}[family]
+    pad = [k // 2] * 4
+    check_case(1, cin, cout, 3, k, (5, 5), groups, True, (1, 1), pad, (1, 1))
+    check_case(1, cin, cout, 3, k, (5, 5), groups, True, (1, 1), pad, (1, 1), channels_last=True)
+    x, r, w, b = make_inputs(0, cin, cout, 3, k, (5, 5), groups, True)
+    y = OP(x, r, w, b, [1, 1], pad, [1, 1], groups)
+    assert y.shape == (0, cout, 5, 5)
+    gx, gr, gw, gb = BACKWARD(y, x, r, w, b, [1, 1], pad, [1, 1], groups, [True] * 4)
+    assert gx.shape == x.shape and gr.shape == r.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_gradcheck_depthwise_asymmetric_channels_last():
+    x, r, w, b = make_inputs(2, 3, 3, 2, 3, (5, 6), 3, True, seed=11)
+    x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [t.requires_grad_(True) for t in (x, r, w, b)]
+    fn = lambda *a: OP(*a, [2, 1], [0, 1, 2, 0], [1, 2], 3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_mix_gemm_strided_pointwise_channels_last():
+    x, r, w, b = make_inputs(3, 4, 5, 3, 1, (5, 5), 1, True, seed=12)
+    x = x.contiguous(memory_format=torch.channels_last)
+    inputs = [t.requires_grad_(True) for t in (x, r, w, b)]
+    fn = lambda *a: OP(*a, [2, 2], [0, 0, 0, 0], [1, 1], 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
