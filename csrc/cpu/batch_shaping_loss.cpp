@@ -1,0 +1,208 @@
+// CPU kernels of batch_shaping_loss and its backward.
+//
+// Gates arrive as (N, G) (dims 1.. flattened). Each task owns a run of gate columns and, per
+// column, does everything in cache: gather the N values, sort them with their batch rows, evaluate
+// the prior's CDF and density on the sorted values, and write the loss of the column, the gradient
+// of every sorted position and its batch row. The backward is then a single scatter.
+// With few columns and a large batch the work is split inside each column instead.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "common/beta_cdf_math.h"
+#include "cpu/beta_cdf_block.h"
+#include "ops/batch_shaping_loss.h"
+
+namespace condkernels {
+namespace {
+
+using beta_math::Prior;
+
+constexpr int64_t kChunk = 256;             // sorted positions evaluated per inner call
+constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
+
+// Unsigned keys whose integer order is the numeric order, with -0 == +0 and NaN above +inf, so
+// that NaN gates cannot break the sort (they end last, as in torch.sort).
+inline uint32_t order_key(float v) {
+  if (v != v) return 0xFFFFFFFFu;
+  if (v == 0.0f) v = 0.0f;
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t order_key(double v) {
+  if (v != v) return ~uint64_t{0};
+  if (v == 0.0) v = 0.0;
+  uint64_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
+}
+
+// Sorts values[0..n) ascending; ties keep batch order (the order of a stable sort), so every
+// backend and the reference agree on which tied value gets which target. Fills `order` with the
+// batch rows in sorted order.
+template <typename scalar_t>
+void sort_column(const double* values, int64_t n, std::vector<uint64_t>& packed,
+                 std::vector<std::pair<uint64_t, uint32_t>>& wide, int32_t* order) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    // The 32-bit key and the row fit one integer: sorting integers is the fastest sort there is.
+    packed.resize(n);
+    for (int64_t i = 0; i < n; ++i)
+      packed[i] = (uint64_t{order_key(static_cast<float>(values[i]))} << 32) | static_cast<uint32_t>(i);
+    std::sort(packed.begin(), packed.end());
+    for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(packed[i] & 0xFFFFFFFFu);
+  } else {
+    wide.resize(n);
+    for (int64_t i = 0; i < n; ++i) wide[i] = {order_key(values[i]), static_cast<uint32_t>(i)};
+    std::sort(wide.begin(), wide.end());
+    for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(wide[i].second);
+  }
+}
+
+// Evaluates sorted positions [begin, end) of column j: writes their gradient (times the
+// reduction's scale) and batch row, returns their unscaled sum of squared residuals.
+template <typename scalar_t>
+double evaluate_sorted(const BatchShapingArgs& args, const double* values, const int32_t* order,
+                       int64_t begin, int64_t end, int64_t column, scalar_t* sorted_grad,
+                       int64_t* sort_index) {
+  const int64_t n = args.batch, g = args.gates;
+  const double scale = args.scale(), inv_np1 = 1.0 / static_cast<double>(n + 1);
+  const double tol = beta_math::cf_tolerance<scalar_t>();
+  double xs[kChunk], cdf[kChunk], pdf[kChunk];
+  double loss = 0.0;
+  for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, end - i0);
+    for (int64_t k = 0; k < len; ++k) {
+      const double v = values[order[i0 + k]];
+      xs[k] = args.clamps() ? beta_math::clamp_unit(v, args.eps) : v;
+    }
+    switch (args.prior) {
+      case Prior::kBeta:
+        cpu::beta_cdf_pdf_many(xs, len, args.prior_a, args.prior_b, tol, cdf, pdf);
+        break;
+      case Prior::kGaussian:
+        for (int64_t k = 0; k < len; ++k) {
+          const auto f = beta_math::gaussian_cdf_pdf(xs[k], args.prior_a, args.prior_b);
+          cdf[k] = f.cdf;
+          pdf[k] = f.pdf;
+        }
+        break;
+      case Prior::kUniform:
+        for (int64_t k = 0; k < len; ++k) {
+          const auto f = beta_math::uniform_cdf_pdf(xs[k], args.prior_a, args.prior_b);
+          cdf[k] = f.cdf;
+          pdf[k] = f.pdf;
+        }
+        break;
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = i0 + k;
+      const auto term = beta_math::loss_term(static_cast<double>(i + 1) * inv_np1, {cdf[k], pdf[k]},
+                                             args.pdf_lo, args.pdf_hi);
+      loss += term.loss;
+      sorted_grad[i * g + column] = static_cast<scalar_t>(scale * term.grad);
+      sort_index[i * g + column] = order[i];
+    }
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
+    const at::Tensor& gates_in, c10::string_view prior, double prior_a, double prior_b,
+    c10::string_view reduction, double pdf_lo, double pdf_hi, double eps) {
+  const BatchShapingArgs args = check_batch_shaping_loss_args(gates_in, prior, prior_a, prior_b,
+                                                              reduction, pdf_lo, pdf_hi, eps);
+  const auto gates = gates_in.contiguous();
+  auto sorted_grad = at::empty_like(gates, at::MemoryFormat::Contiguous);
+  auto sort_index = at::empty(gates.sizes(), gates.options().dtype(at::kLong));
+  const int64_t n = args.batch, g = args.gates;
+  std::vector<double> column_loss(g, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "batch_shaping_loss_cpu", [&] {
+    const scalar_t* x = gates.const_data_ptr<scalar_t>();
+    scalar_t* grad = sorted_grad.mutable_data_ptr<scalar_t>();
+    int64_t* index = sort_index.mutable_data_ptr<int64_t>();
+    const bool split_columns = n >= kLargeBatch && g < 2 * at::get_num_threads();
+    if (!split_columns) {
+      // Whole columns per task; a task of consecutive columns reuses the cache lines it gathers.
+      const int64_t grain = std::max<int64_t>(1, 4096 / n);
+      at::parallel_for(0, g, grain, [&](int64_t begin, int64_t end) {
+        std::vector<double> values(n);
+        std::vector<int32_t> order(n);
+        std::vector<uint64_t> packed;
+        std::vector<std::pair<uint64_t, uint32_t>> wide;
+        for (int64_t j = begin; j < end; ++j) {
+          for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
+          sort_column<scalar_t>(values.data(), n, packed, wide, order.data());
+          column_loss[j] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), 0, n, j, grad, index);
+        }
+      });
+    } else {
+      // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
+      std::vector<double> values(n);
+      std::vector<int32_t> order(n);
+      std::vector<uint64_t> packed;
+      std::vector<std::pair<uint64_t, uint32_t>> wide;
+      for (int64_t j = 0; j < g; ++j) {
+        for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
+        sort_column<scalar_t>(values.data(), n, packed, wide, order.data());
+        const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
+        std::vector<double> partial(blocks, 0.0);  // fixed blocks: the sum does not depend on threads
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
+            partial[blk] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), lo, hi, j, grad, index);
+          }
+        });
+        double s = 0.0;
+        for (double p : partial) s += p;
+        column_loss[j] = s;
+      }
+    }
+  });
+  double total = 0.0;
+  for (double l : column_loss) total += l;
+  auto loss = at::scalar_tensor(total * args.scale(), gates.options());
+  return {loss, sorted_grad, sort_index};
+}
+
+at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& sorted_grad_in,
+                                           const at::Tensor& sort_index_in) {
+  check_batch_shaping_loss_backward_args(grad_loss, sorted_grad_in, sort_index_in);
+  const auto sorted_grad = sorted_grad_in.contiguous();
+  const auto sort_index = sort_index_in.contiguous();
+  // Zero-filled so a sort_index that is not a permutation cannot leave memory uninitialised.
+  auto grad_gates = at::zeros_like(sorted_grad, at::MemoryFormat::Contiguous);
+  const int64_t n = sorted_grad.size(0), g = sorted_grad.numel() / std::max<int64_t>(n, 1);
+  if (sorted_grad.numel() == 0) return grad_gates;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sorted_grad.scalar_type(), "batch_shaping_loss_backward_cpu", [&] {
+    const double upstream = grad_loss.item<double>();
+    const scalar_t* src = sorted_grad.const_data_ptr<scalar_t>();
+    const int64_t* rows = sort_index.const_data_ptr<int64_t>();
+    scalar_t* dst = grad_gates.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / g), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < g; ++j) {
+          const int64_t row = rows[i * g + j];
+          TORCH_CHECK(row >= 0 && row < n, "_batch_shaping_loss_backward: sort_index holds row ", row,
+                      " outside [0, ", n, ")");
+          dst[row * g + j] = static_cast<scalar_t>(upstream * static_cast<double>(src[i * g + j]));
+        }
+      }
+    });
+  });
+  return grad_gates;
+}
+
+}  // namespace
+}  // namespace condkernels
+
+TORCH_LIBRARY_IMPL(condkernels, CPU, m) {
+  m.impl("batch_shaping_loss", &condkernels::batch_shaping_loss_cpu);
+  m.impl("_batch_shaping_loss_backward", &condkernels::batch_shaping_loss_backward_cpu);
+}
