@@ -89,7 +89,8 @@ def _prior_cdf_pdf(x: Tensor, prior: str, p0: float, p1: float):
         z = (x - p0) / p1
         return torch.special.ndtr(z), torch.exp(-0.5 * z * z) / (p1 * math.sqrt(2 * math.pi))
     inside = (x >= p0) & (x <= p1)
-    return ((x - p0) / (p1 - p0)).clamp(0, 1), torch.where(inside, 1 / (p1 - p0), 0.0) * (x == x)
+    pdf = torch.where(inside, torch.full_like(x, 1 / (p1 - p0)), torch.zeros_like(x))
+    return ((x - p0) / (p1 - p0)).clamp(0, 1), torch.where(torch.isnan(x), x, pdf)
 
 
 class _BatchShapingReference(torch.autograd.Function):
