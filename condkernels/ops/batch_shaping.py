@@ -85,9 +85,9 @@ def batch_shaping_loss(
     if which == "reference":
         return reference.batch_shaping_loss(gates, *args)
     if which == "triton":
-        from ..triton import batch_shaping_loss as triton_loss
+        from ..triton import batch_shaping_loss as _triton_ops  # noqa: F401  (registers the ops)
 
-        return triton_loss.batch_shaping_loss_triton(gates, *args)[0]
+        return torch.ops.condkernels.batch_shaping_loss_triton(gates, *args)[0]
     return torch.ops.condkernels.batch_shaping_loss(gates, *args)[0]
 
 

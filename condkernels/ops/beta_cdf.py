@@ -57,9 +57,9 @@ def beta_cdf(x: Tensor, a: Param, b: Param, *, backend: str = "auto") -> Tensor:
     if which == "reference":
         return reference.beta_cdf(x, a_t, b_t)
     if which == "triton":
-        from ..triton import beta_cdf as triton_beta_cdf
+        from ..triton import beta_cdf as _triton_ops  # noqa: F401  (registers the ops)
 
-        return triton_beta_cdf.beta_cdf_triton(x, a_t, b_t)
+        return torch.ops.condkernels.beta_cdf_triton(x, a_t, b_t)
     return torch.ops.condkernels.beta_cdf(x, a_t, b_t)
 
 

@@ -168,6 +168,16 @@ CK_INLINE CdfPdf uniform_cdf_pdf(double x, double low, double high) {
   return {(x - low) * inv_width, x == x ? inv_width : x};
 }
 
+// The cdf and density of any prior at x (x already clamped where the prior asks for it).
+CK_INLINE CdfPdf prior_cdf_pdf(Prior prior, double x, double p0, double p1, double lbeta,
+                               double tol) {
+  switch (prior) {
+    case Prior::kBeta: return beta_cdf_pdf(x, p0, p1, lbeta, tol);
+    case Prior::kGaussian: return gaussian_cdf_pdf(x, p0, p1);
+    default: return uniform_cdf_pdf(x, p0, p1);
+  }
+}
+
 // One sorted value's contribution to the batch-shaping loss (e - F)^2 and to its gradient
 // -2 (e - F) clip(pdf), before the reduction's scale. `x` is already clamped where the prior
 // asks for it.

@@ -11,10 +11,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "common/beta_cdf_math.h"
+#include "common/sort_key.h"
 #include "cpu/beta_cdf_block.h"
 #include "ops/batch_shaping_loss.h"
 
@@ -25,23 +25,6 @@ using beta_math::Prior;
 
 constexpr int64_t kChunk = 256;             // sorted positions evaluated per inner call
 constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
-
-// Unsigned keys whose integer order is the numeric order, with -0 == +0 and NaN above +inf, so
-// that NaN gates cannot break the sort (they end last, as in torch.sort).
-inline uint32_t order_key(float v) {
-  if (v != v) return 0xFFFFFFFFu;
-  if (v == 0.0f) v = 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-inline uint64_t order_key(double v) {
-  if (v != v) return ~uint64_t{0};
-  if (v == 0.0) v = 0.0;
-  uint64_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u >> 63) ? ~u : (u | (uint64_t{1} << 63));
-}
 
 // Sorts values[0..n) ascending; ties keep batch order (the order of a stable sort), so every
 // backend and the reference agree on which tied value gets which target. Fills `order` with the
