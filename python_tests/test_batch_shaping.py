@@ -297,3 +297,14 @@ def test_compiled_op_checks_its_arguments_too(message, args):
         torch.ops.condkernels.batch_shaping_loss(gates_like(5, (3,), seed=15), *args, 1e-3, 100.0, 1e-6)
     with pytest.raises(RuntimeError, match="at least 1 example"):
         torch.ops.condkernels.batch_shaping_loss(torch.rand(0, 2), "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6)
+
+
+def test_triton_opcheck():
+    pytest.importorskip("triton")
+    from condkernels.triton import batch_shaping_loss as _  # noqa: F401  (registers the ops)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gates = gates_like(6, (3,), seed=16).to(device)
+    for requires_grad in (False, True):
+        torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss_triton.default,
+                              (gates.clone().requires_grad_(requires_grad), "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6))

@@ -161,3 +161,15 @@ def test_compiled_op_checks_its_arguments_too():
         torch.ops.condkernels.beta_cdf(x, torch.tensor(0.6), torch.tensor(0.4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="b of shape"):
         torch.ops.condkernels.beta_cdf(x, torch.tensor(0.6, dtype=torch.float64), torch.rand(4, dtype=torch.float64))
+
+
+def test_triton_opcheck():
+    pytest.importorskip("triton")
+    from condkernels.triton import beta_cdf as _  # noqa: F401  (registers the ops)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.rand(5, 3, dtype=torch.float64, device=device)
+    a = torch.tensor(0.6, dtype=torch.float64, device=device)
+    b = torch.rand(3, dtype=torch.float64, device=device) + 0.2
+    for requires_grad in (False, True):
+        torch.library.opcheck(torch.ops.condkernels.beta_cdf_triton.default, (x.clone().requires_grad_(requires_grad), a, b))
