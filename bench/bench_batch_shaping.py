@@ -83,6 +83,7 @@ def machine():
     return {
         "date (UTC)": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "CPU": f"{cpu}, {os.cpu_count()} logical cores",
+        "load average at start (1 min; the machine may be shared)": f"{os.getloadavg()[0]:.1f}",
         "GPU": gpu,
         "torch": torch.__version__,
         "scipy": scipy.__version__,
