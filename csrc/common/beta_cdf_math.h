@@ -33,7 +33,7 @@ constexpr int kMaxTerms = 1000;
 // need far fewer terms than float64 ones.
 template <typename scalar_t>
 CK_INLINE constexpr double cf_tolerance() {
-  return sizeof(scalar_t) >= 8 ? 1e-15 : 1e-9;
+  return sizeof(scalar_t) >= 8 ? 1e-15 : 1e-7;
 }
 
 CK_INLINE double quiet_nan() { return std::numeric_limits<double>::quiet_NaN(); }

@@ -72,11 +72,30 @@ struct Avx2LaneMath {
 using Avx2LaneMath = ScalarLaneMath;
 #endif
 
+// Partial-numerator coefficients of both orientations, (a, b) and (b, a), filled as far as the
+// slowest block of a call has needed them: the lanes then only multiply by x.
+struct CoefficientTable {
+  double a, b;
+  int filled = 0;
+  double even_ab[beta_math::kMaxTerms], even_ba[beta_math::kMaxTerms];
+  double odd_ab[beta_math::kMaxTerms], odd_ba[beta_math::kMaxTerms];
+
+  void fill_to(int m) {
+    for (; filled <= m; ++filled) {
+      even_ab[filled] = beta_math::cf_even_coef(filled, a, b);
+      even_ba[filled] = beta_math::cf_even_coef(filled, b, a);
+      odd_ab[filled] = beta_math::cf_odd_coef(filled, a, b);
+      odd_ba[filled] = beta_math::cf_odd_coef(filled, b, a);
+    }
+  }
+};
+
 // One block of n <= kBlock values; pdf may be null.
 template <typename Math>
 __attribute__((always_inline)) inline void beta_cdf_pdf_block(const double* x, int n, double a,
                                                               double b, double lbeta, double tol,
-                                                              double* cdf, double* pdf) {
+                                                              CoefficientTable& coef, double* cdf,
+                                                              double* pdf) {
   using namespace beta_math;
   LaneVec xs[kGroups], log_x[kGroups], log_1mx[kGroups], change[kGroups];
   LaneMask inside[kGroups], flip[kGroups];
@@ -92,8 +111,7 @@ __attribute__((always_inline)) inline void beta_cdf_pdf_block(const double* x, i
     log_1mx[k] = Math::log(1.0 - xc);
     flip[k] = xc > switch_point;
     xs[k] = flip[k] ? 1.0 - xc : xc;
-    change[k] = lentz_step(s[k], (flip[k] ? cf_odd_coef(0, b, a) + LaneVec{}
-                                          : cf_odd_coef(0, a, b) + LaneVec{}) * xs[k]);
+    change[k] = lentz_step(s[k], (flip[k] ? coef.odd_ba[0] + LaneVec{} : coef.odd_ab[0] + LaneVec{}) * xs[k]);
   }
   for (int m = 1; m < kMaxTerms; ++m) {
     LaneVec worst_vec = change[0];
@@ -101,9 +119,9 @@ __attribute__((always_inline)) inline void beta_cdf_pdf_block(const double* x, i
     double worst = 0.0;
     for (int i = 0; i < kLanes; ++i) worst = worst_vec[i] > worst ? worst_vec[i] : worst;
     if (!(worst >= tol)) break;
-    // Coefficients of both orientations (a, b) and (b, a), shared by every lane.
-    const double even_ab = cf_even_coef(m, a, b), even_ba = cf_even_coef(m, b, a);
-    const double odd_ab = cf_odd_coef(m, a, b), odd_ba = cf_odd_coef(m, b, a);
+    if (m >= coef.filled) coef.fill_to(m);
+    const double even_ab = coef.even_ab[m], even_ba = coef.even_ba[m];
+    const double odd_ab = coef.odd_ab[m], odd_ba = coef.odd_ba[m];
     for (int k = 0; k < kGroups; ++k) {
       const LaneVec even =
           lentz_step(s[k], (flip[k] ? even_ba + LaneVec{} : even_ab + LaneVec{}) * xs[k]);
@@ -145,9 +163,13 @@ __attribute__((always_inline)) inline void beta_cdf_pdf_many_body(const double* 
     return;
   }
   const double lbeta = beta_math::log_beta(a, b);
+  CoefficientTable coef;
+  coef.a = a;
+  coef.b = b;
+  coef.fill_to(0);
   for (int64_t i = 0; i < n; i += kBlock) {
     const int len = n - i < kBlock ? static_cast<int>(n - i) : kBlock;
-    beta_cdf_pdf_block<Math>(x + i, len, a, b, lbeta, tol, cdf + i, pdf ? pdf + i : nullptr);
+    beta_cdf_pdf_block<Math>(x + i, len, a, b, lbeta, tol, coef, cdf + i, pdf ? pdf + i : nullptr);
   }
 }
 
