@@ -72,13 +72,21 @@ CK_INLINE double cf_even_coef(int m, double a, double b) {
 
 // The helpers below are templates over V = double or a GCC/Clang vector of doubles: the CPU
 // kernels run several lanes through exactly these formulas, the CUDA kernels one value per thread.
+// On the host they are always inlined: an out-of-line copy would be compiled for the baseline ISA
+// and called from AVX2 code with a different calling convention for the vector arguments.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CK_LANE_INLINE CK_INLINE
+#else
+#define CK_LANE_INLINE inline __attribute__((always_inline))
+#endif
+
 template <typename V>
-CK_INLINE V abs_value(V v) {
+CK_LANE_INLINE V abs_value(V v) {
   return v < 0.0 ? -v : v;
 }
 
 template <typename V>
-CK_INLINE V avoid_zero(V v) {
+CK_LANE_INLINE V avoid_zero(V v) {
   return abs_value(v) < kTiny ? kTiny + V{} : v;
 }
 
@@ -92,7 +100,7 @@ struct LentzState {
 // C' = 1 + d_k / C, D' = 1 / (1 + d_k D) needs 1/C and 1/q (q = 1 + d_k D): both come from the one
 // division 1 / (C q), divisions being the slowest step of the loop.
 template <typename V>
-CK_INLINE V lentz_step(LentzState<V>& s, V term) {
+CK_LANE_INLINE V lentz_step(LentzState<V>& s, V term) {
   const V q = avoid_zero(1.0 + term * s.d);
   const V r = 1.0 / (s.c * q);
   const V c = avoid_zero(1.0 + term * (r * q));

@@ -1,7 +1,7 @@
 // CPU kernels of batch_shaping_loss and its backward.
 //
 // Gates arrive as (N, G) (dims 1.. flattened). Each task owns a run of gate columns and, per
-// column, does everything in cache: gather the N values, sort them with their batch rows, evaluate
+// column, does everything in cache: gather the N values, radix-sort them with their batch rows, evaluate
 // the prior's CDF and density on the sorted values, and write the loss of the column, the gradient
 // of every sorted position and its batch row. The backward is then a single scatter.
 // With few columns and a large batch the work is split inside each column instead.
@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/beta_cdf_math.h"
@@ -25,35 +26,64 @@ using beta_math::Prior;
 
 constexpr int64_t kChunk = 256;             // sorted positions evaluated per inner call
 constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
+constexpr int64_t kTile = 16;               // columns gathered together (one cache line of floats)
+
+// Stable LSD radix sort of (key, row) pairs by key, one byte per pass; passes whose byte is the same
+// for every key are skipped (gate values share their top bytes). Stability keeps ties in batch order.
+template <typename Key>
+void radix_sort_rows(std::vector<Key>& keys, std::vector<int32_t>& rows, std::vector<Key>& key_tmp,
+                     std::vector<int32_t>& row_tmp) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  key_tmp.resize(n);
+  row_tmp.resize(n);
+  for (int shift = 0; shift < static_cast<int>(8 * sizeof(Key)); shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
+    if (count[((keys[0] >> shift) & 0xFF) + 1] == n) continue;
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t to = count[(keys[i] >> shift) & 0xFF]++;
+      key_tmp[to] = keys[i];
+      row_tmp[to] = rows[i];
+    }
+    keys.swap(key_tmp);
+    rows.swap(row_tmp);
+  }
+}
 
 // Sorts values[0..n) ascending; ties keep batch order (the order of a stable sort), so every
 // backend and the reference agree on which tied value gets which target. Fills `order` with the
 // batch rows in sorted order.
 template <typename scalar_t>
-void sort_column(const double* values, int64_t n, std::vector<uint64_t>& packed,
-                 std::vector<std::pair<uint64_t, uint32_t>>& wide, int32_t* order) {
-  if constexpr (sizeof(scalar_t) <= 4) {
-    // The 32-bit key and the row fit one integer: sorting integers is the fastest sort there is.
-    packed.resize(n);
-    for (int64_t i = 0; i < n; ++i)
-      packed[i] = (uint64_t{order_key(static_cast<float>(values[i]))} << 32) | static_cast<uint32_t>(i);
-    std::sort(packed.begin(), packed.end());
-    for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(packed[i] & 0xFFFFFFFFu);
-  } else {
-    wide.resize(n);
-    for (int64_t i = 0; i < n; ++i) wide[i] = {order_key(values[i]), static_cast<uint32_t>(i)};
-    std::sort(wide.begin(), wide.end());
-    for (int64_t i = 0; i < n; ++i) order[i] = static_cast<int32_t>(wide[i].second);
-  }
-}
+struct ColumnSorter {
+  using Key = std::conditional_t<(sizeof(scalar_t) > 4), uint64_t, uint32_t>;
+  std::vector<Key> keys, key_tmp;
+  std::vector<int32_t> rows, row_tmp;
 
-// Evaluates sorted positions [begin, end) of column j: writes their gradient (times the
-// reduction's scale) and batch row, returns their unscaled sum of squared residuals.
+  void sort(const double* values, int64_t n, int32_t* order) {
+    keys.resize(n);
+    rows.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (sizeof(scalar_t) > 4) {
+        keys[i] = order_key(values[i]);
+      } else {
+        keys[i] = order_key(static_cast<float>(values[i]));
+      }
+      rows[i] = static_cast<int32_t>(i);
+    }
+    radix_sort_rows(keys, rows, key_tmp, row_tmp);
+    std::copy(rows.begin(), rows.end(), order);
+  }
+};
+
+// Evaluates sorted positions [begin, end) of one column: writes their gradient (times the
+// reduction's scale) and batch row to grad_out[i * stride] / index_out[i * stride], returns their
+// unscaled sum of squared residuals.
 template <typename scalar_t>
 double evaluate_sorted(const BatchShapingArgs& args, const double* values, const int32_t* order,
-                       int64_t begin, int64_t end, int64_t column, scalar_t* sorted_grad,
-                       int64_t* sort_index) {
-  const int64_t n = args.batch, g = args.gates;
+                       int64_t begin, int64_t end, scalar_t* grad_out, int64_t* index_out,
+                       int64_t stride) {
+  const int64_t n = args.batch;
   const double scale = args.scale(), inv_np1 = 1.0 / static_cast<double>(n + 1);
   const double tol = beta_math::cf_tolerance<scalar_t>();
   double xs[kChunk], cdf[kChunk], pdf[kChunk];
@@ -88,8 +118,8 @@ double evaluate_sorted(const BatchShapingArgs& args, const double* values, const
       const auto term = beta_math::loss_term(static_cast<double>(i + 1) * inv_np1, {cdf[k], pdf[k]},
                                              args.pdf_lo, args.pdf_hi);
       loss += term.loss;
-      sorted_grad[i * g + column] = static_cast<scalar_t>(scale * term.grad);
-      sort_index[i * g + column] = order[i];
+      grad_out[i * stride] = static_cast<scalar_t>(scale * term.grad);
+      index_out[i * stride] = order[i];
     }
   }
   return loss;
@@ -112,34 +142,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
     int64_t* index = sort_index.mutable_data_ptr<int64_t>();
     const bool split_columns = n >= kLargeBatch && g < 2 * at::get_num_threads();
     if (!split_columns) {
-      // Whole columns per task; a task of consecutive columns reuses the cache lines it gathers.
-      const int64_t grain = std::max<int64_t>(1, 4096 / n);
-      at::parallel_for(0, g, grain, [&](int64_t begin, int64_t end) {
-        std::vector<double> values(n);
+      // Tiles of kTile neighbouring columns per step: rows of the tile are read and written as
+      // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
+      // puts every access in the same cache set.)
+      const int64_t tiles = (g + kTile - 1) / kTile;
+      const int64_t grain = std::max<int64_t>(1, 4096 / (n * kTile));
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        std::vector<double> values(n * kTile);
+        std::vector<scalar_t> tile_grad(n * kTile);
+        std::vector<int64_t> tile_index(n * kTile);
         std::vector<int32_t> order(n);
-        std::vector<uint64_t> packed;
-        std::vector<std::pair<uint64_t, uint32_t>> wide;
-        for (int64_t j = begin; j < end; ++j) {
-          for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
-          sort_column<scalar_t>(values.data(), n, packed, wide, order.data());
-          column_loss[j] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), 0, n, j, grad, index);
+        ColumnSorter<scalar_t> sorter;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < width; ++c) values[c * n + i] = static_cast<double>(x[i * g + j0 + c]);
+          for (int64_t c = 0; c < width; ++c) {
+            const double* column = values.data() + c * n;
+            sorter.sort(column, n, order.data());
+            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, column, order.data(), 0, n,
+                                                            tile_grad.data() + c, tile_index.data() + c, width);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
+            std::copy_n(tile_index.data() + i * width, width, index + i * g + j0);
+          }
         }
       });
     } else {
       // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
       std::vector<double> values(n);
       std::vector<int32_t> order(n);
-      std::vector<uint64_t> packed;
-      std::vector<std::pair<uint64_t, uint32_t>> wide;
+      ColumnSorter<scalar_t> sorter;
       for (int64_t j = 0; j < g; ++j) {
         for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
-        sort_column<scalar_t>(values.data(), n, packed, wide, order.data());
+        sorter.sort(values.data(), n, order.data());
         const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
         std::vector<double> partial(blocks, 0.0);  // fixed blocks: the sum does not depend on threads
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
-            partial[blk] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), lo, hi, j, grad, index);
+            partial[blk] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), lo, hi, grad + j,
+                                                     index + j, g);
           }
         });
         double s = 0.0;

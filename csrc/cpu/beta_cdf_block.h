@@ -25,8 +25,8 @@ extern "C" __m256d _ZGVdN4v_exp(__m256d);
 #endif
 #endif
 
-// Lane vectors are passed by value between the AVX2 and the baseline builds of the same inline
-// functions; GCC's note that their ABI differs without AVX is expected here.
+// GCC notes that ScalarLaneMath returns a 32-byte vector without AVX; it is only ever called from
+// the baseline build, and everything shared with the AVX2 build is always inlined.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
