@@ -203,8 +203,9 @@ at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at
   check_batch_shaping_loss_backward_args(grad_loss, sorted_grad_in, sort_index_in);
   const auto sorted_grad = sorted_grad_in.contiguous();
   const auto sort_index = sort_index_in.contiguous();
-  // Zero-filled so a sort_index that is not a permutation cannot leave memory uninitialised.
-  auto grad_gates = at::zeros_like(sorted_grad, at::MemoryFormat::Contiguous);
+  // Every element is written: the tiles are zero-filled, so a sort_index that is not a permutation
+  // cannot leave memory uninitialised.
+  auto grad_gates = at::empty_like(sorted_grad, at::MemoryFormat::Contiguous);
   const int64_t n = sorted_grad.size(0), g = sorted_grad.numel() / std::max<int64_t>(n, 1);
   if (sorted_grad.numel() == 0) return grad_gates;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sorted_grad.scalar_type(), "batch_shaping_loss_backward_cpu", [&] {
@@ -212,14 +213,23 @@ at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at
     const scalar_t* src = sorted_grad.const_data_ptr<scalar_t>();
     const int64_t* rows = sort_index.const_data_ptr<int64_t>();
     scalar_t* dst = grad_gates.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, std::max<int64_t>(1, 16384 / g), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < g; ++j) {
-          const int64_t row = rows[i * g + j];
-          TORCH_CHECK(row >= 0 && row < n, "_batch_shaping_loss_backward: sort_index holds row ", row,
-                      " outside [0, ", n, ")");
-          dst[row * g + j] = static_cast<scalar_t>(upstream * static_cast<double>(src[i * g + j]));
+    // Tiles of kTile columns, as in the forward: reads and writes of a row of the tile are
+    // contiguous, the scatter itself lands in a small buffer.
+    const int64_t tiles = (g + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / (n * kTile)), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tile(n * kTile);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
+        std::fill(tile.begin(), tile.end(), scalar_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t c = 0; c < width; ++c) {
+            const int64_t row = rows[i * g + j0 + c];
+            TORCH_CHECK(row >= 0 && row < n, "_batch_shaping_loss_backward: sort_index holds row ", row,
+                        " outside [0, ", n, ")");
+            tile[row * width + c] = static_cast<scalar_t>(upstream * static_cast<double>(src[i * g + j0 + c]));
+          }
         }
+        for (int64_t r = 0; r < n; ++r) std::copy_n(tile.data() + r * width, width, dst + r * g + j0);
       }
     });
   });
