@@ -4,16 +4,24 @@ Ops (also reachable as ``torch.ops.condkernels.<name>``):
 
 - :func:`cond_conv2d` -- CondConv: per-example mixing of expert kernels fused with the convolution.
 - :func:`gated_conv2d` -- channel-gated convolution that skips each example's closed channels.
+- :func:`beta_cdf` -- the regularised incomplete beta function I_x(a, b), differentiable in x.
+- :func:`batch_shaping_loss` -- the batch-shaping loss (per gate, sorted over the batch).
 
-Modules in :mod:`condkernels.nn`, the papers' networks in :mod:`condkernels.models`, parameter and
-multiply-add counting in :mod:`condkernels.utils`, and :func:`optimize_for_inference`.
+Gates and their losses and schedules in :mod:`condkernels.gates`; modules in :mod:`condkernels.nn`,
+the papers' networks in :mod:`condkernels.models`, parameter and multiply-add counting in
+:mod:`condkernels.utils`, and :func:`optimize_for_inference`.
 """
 
 from . import _library
 from ._library import cuda_built
-from .ops import cond_conv2d, gated_conv2d
+from .ops import batch_shaping_loss, beta_cdf, cond_conv2d, gated_conv2d
+from .gates import batch_shaping_lambda, binary_concrete_gate, gate_probability, l0_gamma, l0_gate_loss
 from . import nn, models, utils  # noqa: E402  (after the ops: the modules call them)
 from .inference import optimize_for_inference
 
-__all__ = ["cond_conv2d", "cuda_built", "gated_conv2d", "models", "nn", "optimize_for_inference", "utils"]
+__all__ = [
+    "batch_shaping_lambda", "batch_shaping_loss", "beta_cdf", "binary_concrete_gate", "cond_conv2d",
+    "cuda_built", "gate_probability", "gated_conv2d", "l0_gamma", "l0_gate_loss", "models", "nn",
+    "optimize_for_inference", "utils",
+]
 __version__ = "0.1.0"

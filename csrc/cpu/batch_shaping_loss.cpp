@@ -1,0 +1,245 @@
+// CPU kernels of batch_shaping_loss and its backward.
+//
+// Gates arrive as (N, G) (dims 1.. flattened). Each task owns a run of gate columns and, per
+// column, does everything in cache: gather the N values, radix-sort them with their batch rows, evaluate
+// the prior's CDF and density on the sorted values, and write the loss of the column, the gradient
+// of every sorted position and its batch row. The backward is then a single scatter.
+// With few columns and a large batch the work is split inside each column instead.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/beta_cdf_math.h"
+#include "common/sort_key.h"
+#include "cpu/beta_cdf_block.h"
+#include "ops/batch_shaping_loss.h"
+
+namespace condkernels {
+namespace {
+
+using beta_math::Prior;
+
+constexpr int64_t kChunk = 256;             // sorted positions evaluated per inner call
+constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
+constexpr int64_t kTile = 16;               // columns gathered together (one cache line of floats)
+
+// Stable LSD radix sort of (key, row) pairs by key, one byte per pass; passes whose byte is the same
+// for every key are skipped (gate values share their top bytes). Stability keeps ties in batch order.
+template <typename Key>
+void radix_sort_rows(std::vector<Key>& keys, std::vector<int32_t>& rows, std::vector<Key>& key_tmp,
+                     std::vector<int32_t>& row_tmp) {
+  const int64_t n = static_cast<int64_t>(keys.size());
+  key_tmp.resize(n);
+  row_tmp.resize(n);
+  for (int shift = 0; shift < static_cast<int>(8 * sizeof(Key)); shift += 8) {
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
+    if (count[((keys[0] >> shift) & 0xFF) + 1] == n) continue;
+    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t to = count[(keys[i] >> shift) & 0xFF]++;
+      key_tmp[to] = keys[i];
+      row_tmp[to] = rows[i];
+    }
+    keys.swap(key_tmp);
+    rows.swap(row_tmp);
+  }
+}
+
+// Sorts values[0..n) ascending; ties keep batch order (the order of a stable sort), so every
+// backend and the reference agree on which tied value gets which target. Fills `order` with the
+// batch rows in sorted order.
+template <typename scalar_t>
+struct ColumnSorter {
+  using Key = std::conditional_t<(sizeof(scalar_t) > 4), uint64_t, uint32_t>;
+  std::vector<Key> keys, key_tmp;
+  std::vector<int32_t> rows, row_tmp;
+
+  void sort(const double* values, int64_t n, int32_t* order) {
+    keys.resize(n);
+    rows.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (sizeof(scalar_t) > 4) {
+        keys[i] = order_key(values[i]);
+      } else {
+        keys[i] = order_key(static_cast<float>(values[i]));
+      }
+      rows[i] = static_cast<int32_t>(i);
+    }
+    radix_sort_rows(keys, rows, key_tmp, row_tmp);
+    std::copy(rows.begin(), rows.end(), order);
+  }
+};
+
+// Evaluates sorted positions [begin, end) of one column: writes their gradient (times the
+// reduction's scale) and batch row to grad_out[i * stride] / index_out[i * stride], returns their
+// unscaled sum of squared residuals.
+template <typename scalar_t>
+double evaluate_sorted(const BatchShapingArgs& args, const double* values, const int32_t* order,
+                       int64_t begin, int64_t end, scalar_t* grad_out, int64_t* index_out,
+                       int64_t stride) {
+  const int64_t n = args.batch;
+  const double scale = args.scale(), inv_np1 = 1.0 / static_cast<double>(n + 1);
+  const double tol = beta_math::cf_tolerance<scalar_t>();
+  double xs[kChunk], cdf[kChunk], pdf[kChunk];
+  double loss = 0.0;
+  for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+    const int64_t len = std::min(kChunk, end - i0);
+    for (int64_t k = 0; k < len; ++k) {
+      const double v = values[order[i0 + k]];
+      xs[k] = args.clamps() ? beta_math::clamp_unit(v, args.eps) : v;
+    }
+    switch (args.prior) {
+      case Prior::kBeta:
+        cpu::beta_cdf_pdf_many(xs, len, args.prior_a, args.prior_b, tol, cdf, pdf);
+        break;
+      case Prior::kGaussian:
+        for (int64_t k = 0; k < len; ++k) {
+          const auto f = beta_math::gaussian_cdf_pdf(xs[k], args.prior_a, args.prior_b);
+          cdf[k] = f.cdf;
+          pdf[k] = f.pdf;
+        }
+        break;
+      case Prior::kUniform:
+        for (int64_t k = 0; k < len; ++k) {
+          const auto f = beta_math::uniform_cdf_pdf(xs[k], args.prior_a, args.prior_b);
+          cdf[k] = f.cdf;
+          pdf[k] = f.pdf;
+        }
+        break;
+    }
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = i0 + k;
+      const auto term = beta_math::loss_term(static_cast<double>(i + 1) * inv_np1, {cdf[k], pdf[k]},
+                                             args.pdf_lo, args.pdf_hi);
+      loss += term.loss;
+      grad_out[i * stride] = static_cast<scalar_t>(scale * term.grad);
+      index_out[i * stride] = order[i];
+    }
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
+    const at::Tensor& gates_in, c10::string_view prior, double prior_a, double prior_b,
+    c10::string_view reduction, double pdf_lo, double pdf_hi, double eps) {
+  const BatchShapingArgs args = check_batch_shaping_loss_args(gates_in, prior, prior_a, prior_b,
+                                                              reduction, pdf_lo, pdf_hi, eps);
+  const auto gates = gates_in.contiguous();
+  auto sorted_grad = at::empty_like(gates, at::MemoryFormat::Contiguous);
+  auto sort_index = at::empty(gates.sizes(), gates.options().dtype(at::kLong));
+  const int64_t n = args.batch, g = args.gates;
+  std::vector<double> column_loss(g, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "batch_shaping_loss_cpu", [&] {
+    const scalar_t* x = gates.const_data_ptr<scalar_t>();
+    scalar_t* grad = sorted_grad.mutable_data_ptr<scalar_t>();
+    int64_t* index = sort_index.mutable_data_ptr<int64_t>();
+    const bool split_columns = n >= kLargeBatch && g < 2 * at::get_num_threads();
+    if (!split_columns) {
+      // Tiles of kTile neighbouring columns per step: rows of the tile are read and written as
+      // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
+      // puts every access in the same cache set.)
+      const int64_t tiles = (g + kTile - 1) / kTile;
+      const int64_t grain = std::max<int64_t>(1, 4096 / (n * kTile));
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        std::vector<double> values(n * kTile);
+        std::vector<scalar_t> tile_grad(n * kTile);
+        std::vector<int64_t> tile_index(n * kTile);
+        std::vector<int32_t> order(n);
+        ColumnSorter<scalar_t> sorter;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < width; ++c) values[c * n + i] = static_cast<double>(x[i * g + j0 + c]);
+          for (int64_t c = 0; c < width; ++c) {
+            const double* column = values.data() + c * n;
+            sorter.sort(column, n, order.data());
+            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, column, order.data(), 0, n,
+                                                            tile_grad.data() + c, tile_index.data() + c, width);
+          }
+          for (int64_t i = 0; i < n; ++i) {
+            std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
+            std::copy_n(tile_index.data() + i * width, width, index + i * g + j0);
+          }
+        }
+      });
+    } else {
+      // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
+      std::vector<double> values(n);
+      std::vector<int32_t> order(n);
+      ColumnSorter<scalar_t> sorter;
+      for (int64_t j = 0; j < g; ++j) {
+        for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
+        sorter.sort(values.data(), n, order.data());
+        const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
+        std::vector<double> partial(blocks, 0.0);  // fixed blocks: the sum does not depend on threads
+        at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
+            partial[blk] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), lo, hi, grad + j,
+                                                     index + j, g);
+          }
+        });
+        double s = 0.0;
+        for (double p : partial) s += p;
+        column_loss[j] = s;
+      }
+    }
+  });
+  double total = 0.0;
+  for (double l : column_loss) total += l;
+  auto loss = at::scalar_tensor(total * args.scale(), gates.options());
+  return {loss, sorted_grad, sort_index};
+}
+
+at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& sorted_grad_in,
+                                           const at::Tensor& sort_index_in) {
+  check_batch_shaping_loss_backward_args(grad_loss, sorted_grad_in, sort_index_in);
+  const auto sorted_grad = sorted_grad_in.contiguous();
+  const auto sort_index = sort_index_in.contiguous();
+  // Every element is written: the tiles are zero-filled, so a sort_index that is not a permutation
+  // cannot leave memory uninitialised.
+  auto grad_gates = at::empty_like(sorted_grad, at::MemoryFormat::Contiguous);
+  const int64_t n = sorted_grad.size(0), g = sorted_grad.numel() / std::max<int64_t>(n, 1);
+  if (sorted_grad.numel() == 0) return grad_gates;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sorted_grad.scalar_type(), "batch_shaping_loss_backward_cpu", [&] {
+    const double upstream = grad_loss.item<double>();
+    const scalar_t* src = sorted_grad.const_data_ptr<scalar_t>();
+    const int64_t* rows = sort_index.const_data_ptr<int64_t>();
+    scalar_t* dst = grad_gates.mutable_data_ptr<scalar_t>();
+    // Tiles of kTile columns, as in the forward: reads and writes of a row of the tile are
+    // contiguous, the scatter itself lands in a small buffer.
+    const int64_t tiles = (g + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / (n * kTile)), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tile(n * kTile);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
+        std::fill(tile.begin(), tile.end(), scalar_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t c = 0; c < width; ++c) {
+            const int64_t row = rows[i * g + j0 + c];
+            TORCH_CHECK(row >= 0 && row < n, "_batch_shaping_loss_backward: sort_index holds row ", row,
+                        " outside [0, ", n, ")");
+            tile[row * width + c] = static_cast<scalar_t>(upstream * static_cast<double>(src[i * g + j0 + c]));
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) std::copy_n(tile.data() + r * width, width, dst + r * g + j0);
+      }
+    });
+  });
+  return grad_gates;
+}
+
+}  // namespace
+}  // namespace condkernels
+
+TORCH_LIBRARY_IMPL(condkernels, CPU, m) {
+  m.impl("batch_shaping_loss", &condkernels::batch_shaping_loss_cpu);
+  m.impl("_batch_shaping_loss_backward", &condkernels::batch_shaping_loss_backward_cpu);
+}
