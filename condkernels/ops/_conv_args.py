@@ -79,3 +79,21 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def check_geometry(op: str, x: torch.Tensor, weight: torch.Tensor, stride, pad4, dilation) -> tuple[int, int]:
+    """Output size, or an error when the dilated kernel is larger than the padded input."""
+    (h, w), (kh, kw) = x.shape[-2:], weight.shape[-2:]
+    out_h = conv_out_size(h, kh, stride[0], pad4[0], pad4[1], dilation[0])
+    out_w = conv_out_size(w, kw, stride[1], pad4[2], pad4[3], dilation[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"{op}: the kernel {kh}x{kw} (dilation {dilation}) is larger than the padded input "
+            f"{h + pad4[0] + pad4[1]}x{w + pad4[2] + pad4[3]}"
+        )
+    return out_h, out_w
+
+
+def shape_of(t) -> str:
+    """How an argument that should be a tensor looks, for error messages."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
 from ._backend import resolve_backend
-from ._conv_args import IntOrPair, Padding, conv_out_size, memory_format_of, normalize_conv_args
+from . import _conv_args
+from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "cond_conv2d"
 
@@ -82,12 +83,12 @@ def cond_conv2d(
 def check_args(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
     """Shape, dtype and device checks with errors that name the argument."""
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"{OP}: x must be a 4-D tensor (B, Cin, H, W), got {_shape(x)}")
+        raise ValueError(f"{OP}: x must be a 4-D tensor (B, Cin, H, W), got {shape_of(x)}")
     if not isinstance(routing, Tensor) or routing.dim() != 2:
-        raise ValueError(f"{OP}: routing must be a 2-D tensor (B, E), got {_shape(routing)}")
+        raise ValueError(f"{OP}: routing must be a 2-D tensor (B, E), got {shape_of(routing)}")
     if not isinstance(weight, Tensor) or weight.dim() != 5:
         raise ValueError(
-            f"{OP}: weight must be a 5-D tensor (E, Cout, Cin/groups, kh, kw), got {_shape(weight)}"
+            f"{OP}: weight must be a 5-D tensor (E, Cout, Cin/groups, kh, kw), got {shape_of(weight)}"
         )
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"{OP}: groups must be a positive int, got {groups!r}")
@@ -121,20 +122,7 @@ def check_args(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
 
 
 def check_geometry(x: Tensor, weight: Tensor, stride, pad4, dilation) -> tuple[int, int]:
-    """Output size, or an error when the dilated kernel is larger than the padded input."""
-    (h, w), (kh, kw) = x.shape[-2:], weight.shape[-2:]
-    out_h = conv_out_size(h, kh, stride[0], pad4[0], pad4[1], dilation[0])
-    out_w = conv_out_size(w, kw, stride[1], pad4[2], pad4[3], dilation[1])
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(
-            f"{OP}: the kernel {kh}x{kw} (dilation {dilation}) is larger than the padded input "
-            f"{h + pad4[0] + pad4[1]}x{w + pad4[2] + pad4[3]}"
-        )
-    return out_h, out_w
-
-
-def _shape(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+    return _conv_args.check_geometry(OP, x, weight, stride, pad4, dilation)
 
 
 # --- fake kernels and autograd, shared by the compiled variants (C++ and Triton) ---------------

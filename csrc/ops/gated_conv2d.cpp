@@ -2,18 +2,13 @@
 // backend shares.
 #include "ops/gated_conv2d.h"
 
+#include "ops/conv_checks.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 namespace condkernels {
 namespace {
-
-void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "gated_conv2d: ", name, " has dtype ",
-              t.scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "gated_conv2d: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-}
 
 void check_gate(const std::optional<at::Tensor>& gate, const char* name, const char* channels,
                 int64_t batch, int64_t num_channels, const at::Tensor& x) {
@@ -21,7 +16,7 @@ void check_gate(const std::optional<at::Tensor>& gate, const char* name, const c
   TORCH_CHECK(gate->dim() == 2 && gate->size(0) == batch && gate->size(1) == num_channels,
               "gated_conv2d: ", name, " must have shape (B, ", channels, ") = (", batch, ", ",
               num_channels, "), got ", gate->sizes());
-  check_like_x(*gate, name, x);
+  check_like_x("gated_conv2d", *gate, name, x);
 }
 
 }  // namespace
@@ -32,60 +27,18 @@ ConvGeometry check_gated_conv2d_args(const at::Tensor& x, const at::Tensor& weig
                                      const std::optional<at::Tensor>& out_gate,
                                      c10::IntArrayRef stride, c10::IntArrayRef padding,
                                      c10::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "gated_conv2d: x must be 4-D (B, Cin, H, W), got shape ", x.sizes());
+  constexpr const char* op = "gated_conv2d";
   TORCH_CHECK(weight.dim() == 4,
               "gated_conv2d: weight must be 4-D (Cout, Cin/groups, kh, kw), got shape ",
               weight.sizes());
-  TORCH_CHECK(stride.size() == 2, "gated_conv2d: stride must have 2 values");
-  TORCH_CHECK(padding.size() == 4,
-              "gated_conv2d: padding must have 4 values (h_begin, h_end, w_begin, w_end)");
-  TORCH_CHECK(dilation.size() == 2, "gated_conv2d: dilation must have 2 values");
-  TORCH_CHECK(groups > 0, "gated_conv2d: groups must be positive, got ", groups);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "gated_conv2d: x must be floating point, got ",
-              x.scalar_type());
-  check_like_x(weight, "weight", x);
-
-  ConvGeometry g{};
-  g.batch = x.size(0);
-  g.in_channels = x.size(1);
-  g.in_h = x.size(2);
-  g.in_w = x.size(3);
-  g.out_channels = weight.size(0);
-  g.groups = groups;
-  g.kernel_h = weight.size(2);
-  g.kernel_w = weight.size(3);
-  g.stride_h = stride[0];
-  g.stride_w = stride[1];
-  g.pad_h_begin = padding[0];
-  g.pad_h_end = padding[1];
-  g.pad_w_begin = padding[2];
-  g.pad_w_end = padding[3];
-  g.dilation_h = dilation[0];
-  g.dilation_w = dilation[1];
-
-  TORCH_CHECK(g.in_channels % groups == 0, "gated_conv2d: in_channels (", g.in_channels,
-              ") is not divisible by groups (", groups, ")");
-  TORCH_CHECK(g.out_channels % groups == 0, "gated_conv2d: out_channels (", g.out_channels,
-              ") is not divisible by groups (", groups, ")");
-  TORCH_CHECK(weight.size(1) * groups == g.in_channels, "gated_conv2d: weight has ",
-              weight.size(1), " input channels per group but x has ", g.in_channels,
-              " channels in ", groups, " groups");
-  TORCH_CHECK(g.stride_h > 0 && g.stride_w > 0, "gated_conv2d: stride must be positive, got ",
-              stride);
-  TORCH_CHECK(g.dilation_h > 0 && g.dilation_w > 0,
-              "gated_conv2d: dilation must be positive, got ", dilation);
-  TORCH_CHECK(g.pad_h_begin >= 0 && g.pad_h_end >= 0 && g.pad_w_begin >= 0 && g.pad_w_end >= 0,
-              "gated_conv2d: padding must be non-negative, got ", padding);
-  g.out_h = conv_out_size(g.in_h, g.kernel_h, g.stride_h, g.pad_h_begin, g.pad_h_end, g.dilation_h);
-  g.out_w = conv_out_size(g.in_w, g.kernel_w, g.stride_w, g.pad_w_begin, g.pad_w_end, g.dilation_w);
-  TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "gated_conv2d: the (dilated) kernel ", g.kernel_h, "x",
-              g.kernel_w, " is larger than the padded input ", g.in_h + g.pad_h_begin + g.pad_h_end,
-              "x", g.in_w + g.pad_w_begin + g.pad_w_end);
+  const ConvGeometry g = check_conv_geometry(op, x, weight.size(0), weight.size(1), weight.size(2),
+                                             weight.size(3), stride, padding, dilation, groups);
+  check_like_x(op, weight, "weight", x);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels,
                 "gated_conv2d: bias must have shape (Cout,) = (", g.out_channels, ",), got ",
                 bias->sizes());
-    check_like_x(*bias, "bias", x);
+    check_like_x(op, *bias, "bias", x);
   }
   check_gate(in_gate, "in_gate", "Cin", g.batch, g.in_channels, x);
   check_gate(out_gate, "out_gate", "Cout", g.batch, g.out_channels, x);
@@ -102,12 +55,12 @@ ConvGeometry check_gated_conv2d_backward_args(
   const std::vector<int64_t> out_shape{g.batch, g.out_channels, g.out_h, g.out_w};
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "gated_conv2d: grad_out must have shape ",
               c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
-  check_like_x(grad_out, "grad_out", x);
+  check_like_x("gated_conv2d", grad_out, "grad_out", x);
   if (ungated.has_value()) {
     TORCH_CHECK(ungated->sizes() == c10::IntArrayRef(out_shape),
                 "gated_conv2d: ungated must have shape ", c10::IntArrayRef(out_shape), ", got ",
                 ungated->sizes());
-    check_like_x(*ungated, "ungated", x);
+    check_like_x("gated_conv2d", *ungated, "ungated", x);
   }
   return g;
 }
