@@ -1,9 +1,10 @@
-"""Modules: CondConv layers, their routers, and the building blocks of the networks."""
+"""Modules: CondConv layers, their routers, gated convolutions, and the building blocks of the networks."""
 
 from .blocks import ConvNormAct, make_conv
 from .condconv import CondConv2d, RoutedModule, RoutedSequential, Router, call_layer, routed_step
+from .gated import GatedConv2d
 
 __all__ = [
-    "CondConv2d", "ConvNormAct", "RoutedModule", "RoutedSequential", "Router", "call_layer", "make_conv",
+    "CondConv2d", "ConvNormAct", "GatedConv2d", "RoutedModule", "RoutedSequential", "Router", "call_layer", "make_conv",
     "routed_step",
 ]
