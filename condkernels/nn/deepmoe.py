@@ -137,7 +137,7 @@ class GateHead(nn.Module):
         keys = _hash32((_hash32(rows ^ stream) + cols * 0x61C88647) & mask32)
         # Open the k channels with the smallest keys: exactly k per example.
         k = int(round(self.forced_density * self.channels))
-        rank = keys.argsort(dim=1).argsort(dim=1)
+        rank = keys.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
         mask = (rank < k).to(device=device, dtype=dtype)
         self._mask_cache = mask
         return mask
