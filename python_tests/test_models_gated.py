@@ -1,8 +1,6 @@
 """Channel-gated networks of the batch-shaping paper: ChannelGate, GateLosses, the gated ResNets,
 their MAC counting, set_gate_density and optimize_for_inference."""
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -21,7 +21,7 @@ of :class:`~condkernels.models.ResNet`) and ``resnet20/32/56`` with their ``_bas
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Type
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -7,7 +7,6 @@ forward pass, turns what the gates recorded into the two weighted losses of the 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
