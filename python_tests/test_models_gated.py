@@ -437,3 +437,21 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="x must be"):
         conditional_macs(resnet20_bas(), torch.randn(3, 8, 8))
     assert set_gate_density(resnet20(), 0.5) == 0  # no gates: nothing set
+
+
+def test_set_gate_density_reaches_deepmoe_gates():
+    from condkernels.models import deepmoe_resnet56
+    from condkernels.nn import DeepMoELosses, gate_heads
+
+    torch.manual_seed(0)
+    model = deepmoe_resnet56(wide=True).eval()
+    x = torch.randn(3, 3, 8, 8)
+    assert set_gate_density(model, 0.5, seed=2) == len(gate_heads(model)) > 0
+    fast = condkernels.optimize_for_inference(model)
+    for net in (model, fast):
+        with torch.no_grad():
+            net(x)
+        assert DeepMoELosses(net).density() == pytest.approx(0.5)
+    half = conditional_macs(fast, x)
+    set_gate_density(fast, 1.0)
+    assert half < conditional_macs(fast, x)
