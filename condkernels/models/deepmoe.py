@@ -28,7 +28,6 @@ narrow one does.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from ..inference import fold_batchnorm, register_inference_rule
 from ..nn.deepmoe import GateHead, ShallowEmbedding, gate_heads
 from ..nn.gated import GatedConv2d
+from ._common import init_weights
 
 __all__ = [
     "DeepMoEBasicBlock", "DeepMoEBottleneck", "DeepMoEResNet", "DeepMoEVGG", "deepmoe_resnet18",
@@ -137,26 +137,6 @@ class DeepMoEBottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-@torch.no_grad()
-def _init_weights(model: nn.Module) -> None:
-    """He-normal (fan-out) convolutions, unit BatchNorm, N(0, 0.01) classifiers. Gate heads keep
-    nn.Linear's uniform init, so about half of the gates start open."""
-    heads = {id(h.proj) for h in gate_heads(model)}
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, GatedConv2d)):
-            kh, kw = m.kernel_size
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.out_channels * kh * kw)))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear) and id(m) not in heads:
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 def _number_heads(model: nn.Module) -> None:
     # Distinct indices give the heads distinct forced-density masks.
     for index, head in enumerate(gate_heads(model)):
@@ -202,7 +182,7 @@ class DeepMoEResNet(nn.Module):
             setattr(self, f"layer{stage + 1}", nn.ModuleList(stage_blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        _init_weights(self)
+        init_weights(self)
         _number_heads(self)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -255,7 +235,7 @@ class DeepMoEVGG(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
         self.gates_at_producer = False
-        _init_weights(self)
+        init_weights(self)
         _number_heads(self)
 
     def forward(self, x: Tensor) -> Tensor:

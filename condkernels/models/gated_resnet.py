@@ -177,26 +177,10 @@ def _widths(who: str, planes: Sequence[int], width: float) -> list[int]:
     return out
 
 
-@torch.no_grad()
-def init_gated(model: nn.Module) -> None:
-    """He-normal (fan-out) GatedConv2d kernels like the plain convolutions of ``init_weights``, and
-    each ChannelGate's own initialisation (``init_weights`` treats its linear layers as classifiers)."""
-    for m in model.modules():
-        if isinstance(m, GatedConv2d):
-            kh, kw = m.kernel_size
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.out_channels * kh * kw)))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, ChannelGate):
-            m.reset_parameters()
-
-
 def _imagenet_bas(block: type, layers, num_classes, width, gate_hidden, tau) -> ResNet:
     planes = _widths("resnet_bas", (64, 128, 256, 512), width)
-    model = ResNet(_GatedBlockFactory(block, gate_hidden=gate_hidden, tau=tau), layers, num_classes,
-                   stage_planes=planes)
-    init_gated(model)
-    return model
+    return ResNet(_GatedBlockFactory(block, gate_hidden=gate_hidden, tau=tau), layers, num_classes,
+                  stage_planes=planes)
 
 
 def resnet18_bas(num_classes: int = 1000, width: float = 1.0, gate_hidden: int = 16, tau: float = 2.0 / 3.0) -> ResNet:
@@ -218,10 +202,7 @@ def _cifar(depth: int, gated: bool, num_classes: int, width: float, shortcut: st
            tau: float) -> CifarResNet:
     n = (depth - 2) // 6
     block = _GatedBlockFactory(GatedBasicBlock, gate_hidden=gate_hidden, tau=tau) if gated else BasicBlock
-    model = CifarResNet(block, (n, n, n), num_classes, width, shortcut)
-    if gated:
-        init_gated(model)
-    return model
+    return CifarResNet(block, (n, n, n), num_classes, width, shortcut)
 
 
 def resnet20(num_classes: int = 10, width: float = 1.0, shortcut: str = "A") -> CifarResNet:
