@@ -79,6 +79,7 @@ def loss_case(cfg, n, g) -> Case:
     return Case(
         suite=SUITE, op="batch_shaping_loss", name=f"{SUITE}: loss fwd+bwd {n}x{g}", mode="fwd+bwd",
         params=dict(n=n, gates=g), setup=setup, nbytes=2 * n * g * es,  # gates read, gradient written
+        hints={REFERENCE: 1000.0},  # times the sort alone: the reference CDF makes 240 passes over the gates
         compare=tuple(m for m in ["naive", REFERENCE] + [ours(b) for b in competitors.own_backends(cfg.device)]),
     )
 
@@ -99,7 +100,7 @@ def cdf_case(cfg, a, b) -> Case:
         suite=SUITE, op="beta_cdf", name=f"{SUITE}: beta_cdf ({a}, {b}) 2^20 float64", mode="forward",
         params=dict(a=a, b=b, n=CDF_VALUES), setup=setup, nbytes=2 * CDF_VALUES * 8,
         compare=(NAIVE, REFERENCE, *[ours(b) for b in competitors.own_backends(cfg.device)]),
-        hints={REFERENCE: 6.0}, threads=1 if on_cpu else None, dtype=torch.float64,
+        hints={REFERENCE: 50.0}, threads=1 if on_cpu else None, dtype=torch.float64,
     )
 
 

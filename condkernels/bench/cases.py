@@ -29,7 +29,7 @@ class Config:
     full: bool
     rounds: int
     round_s: float
-    skip_s: Optional[float]  # a competitor expected to take longer per call is not timed (quick mode)
+    skip_s: Optional[float]  # a competitor expected to take longer per call is not timed
 
 
 @dataclass

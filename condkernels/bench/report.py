@@ -74,7 +74,7 @@ def generate(out: Path) -> Path:
         "reports the median round, so the drift of a shared machine falls on all of them alike: compare",
         "within a row, not across runs. Each case's *roofline* floor is max(unavoidable MACs / GEMM",
         "throughput, unavoidable bytes / streaming bandwidth), both measured in the same run (`torch.mm`",
-        "of two large matrices; the faster of a large copy and triad).",
+        "of two large matrices; the fastest of a large sum, copy and triad).",
         "",
         "## Runs",
         "",
