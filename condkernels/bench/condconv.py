@@ -208,6 +208,7 @@ def plots(rows: list[dict], plt, figdir, prefix: str) -> list[tuple[str, str]]:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
                     linewidth=2.5 if is_ours(method) else 1.2)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["experts"] for r in sel}), [str(e) for e in sorted({r["experts"] for r in sel})])
         ax.set_yscale("log")
         ax.set_xlabel("experts E")
         ax.set_ylabel("ms per call")

@@ -101,6 +101,9 @@ def cell(row: Optional[dict]) -> str:
 
 
 def method_order(methods) -> list[str]:
+    """Report columns: the competitors, then condkernels' backends ("*" marks a case that could not
+    be built, which has no method column)."""
+    methods = {m for m in methods if m != "*"}
     fixed = ["static", "naive", "reference", "grouped", "loop"]
     first = [m for m in fixed if m in methods]
     return first + sorted(m for m in methods if m not in fixed)

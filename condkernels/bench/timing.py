@@ -139,7 +139,7 @@ def describe_run(device: torch.device, dtype: torch.dtype, floors: Floors, full:
     except OSError:
         load = "n/a"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "device": device.type,
         "device_name": name,
         "threads": torch.get_num_threads(),
