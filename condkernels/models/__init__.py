@@ -1,6 +1,10 @@
 """The networks of the papers, as torchvision-style builders."""
 
 from ._common import CondSpec
+from .deepmoe import (
+    DeepMoEBasicBlock, DeepMoEBottleneck, DeepMoEResNet, DeepMoEVGG, deepmoe_resnet18, deepmoe_resnet34,
+    deepmoe_resnet50, deepmoe_resnet56, deepmoe_resnet110, deepmoe_vgg16,
+)
 from .mobilenet import (
     InvertedResidual, MobileNetV1, MobileNetV2, SeparableBlock, cc_mobilenet_v1, cc_mobilenet_v2,
     mobilenet_v1, mobilenet_v2,
@@ -11,4 +15,8 @@ __all__ = [
     "BasicBlock", "Bottleneck", "CondSpec", "InvertedResidual", "MobileNetV1", "MobileNetV2", "ResNet",
     "SeparableBlock", "cc_mobilenet_v1", "cc_mobilenet_v2", "cc_resnet50", "mobilenet_v1", "mobilenet_v2",
     "resnet18", "resnet34", "resnet50",
+]
+__all__ += [
+    "DeepMoEBasicBlock", "DeepMoEBottleneck", "DeepMoEResNet", "DeepMoEVGG", "deepmoe_resnet18", "deepmoe_resnet34",
+    "deepmoe_resnet50", "deepmoe_resnet56", "deepmoe_resnet110", "deepmoe_vgg16",
 ]

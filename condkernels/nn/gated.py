@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import gated_conv2d
-from ..ops._conv_args import IntOrPair, Padding, pair
+from ..ops._conv_args import IntOrPair, Padding, conv_module_args
 
 
 class GatedConv2d(nn.Module):
@@ -39,23 +39,12 @@ class GatedConv2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(
-                f"GatedConv2d: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
-            )
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"GatedConv2d: groups ({groups}) must divide in_channels ({in_channels}) and "
-                f"out_channels ({out_channels})"
-            )
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise ValueError(f"GatedConv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        geometry = conv_module_args("GatedConv2d", in_channels, out_channels, kernel_size, stride, padding,
+                                    dilation, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = tuple(pair(kernel_size, "GatedConv2d: kernel_size"))
-        self.stride = tuple(pair(stride, "GatedConv2d: stride"))
-        self.padding = padding if isinstance(padding, str) else tuple(pair(padding, "GatedConv2d: padding"))
-        self.dilation = tuple(pair(dilation, "GatedConv2d: dilation"))
+        self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
+        self.padding, self.dilation = geometry["padding"], geometry["dilation"]
         self.groups = groups
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
