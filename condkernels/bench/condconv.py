@@ -103,7 +103,7 @@ def make_case(cfg, key, batch, experts, mode) -> Case:
         params=dict(shape=label, cin=cin, cout=cout, groups=groups, k=k, hw=hw, batch=batch, experts=experts,
                     expert_bytes=es * w_n),
         setup=setup, macs=macs * (3 if backward else 1), nbytes=nbytes,
-        compare=() if backward else tuple(m for m in _functions(cfg) if m != STATIC),
+        compare=tuple(m for m in _functions(cfg) if m != STATIC),  # outputs, or the gradients of x, r, W
         hints={NAIVE: experts, LOOP: batch / max(1, batch // 8)},
     )
 

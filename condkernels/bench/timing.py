@@ -46,7 +46,9 @@ def _do_bench():
 def time_once(call: Callable, number: int, device: torch.device) -> float:
     """Seconds per call of ``number`` back-to-back calls."""
     if device.type == "cpu":
-        return benchmark.Timer("call()", globals={"call": call}).timeit(number).mean
+        # Timer runs single-threaded unless told otherwise.
+        timer = benchmark.Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads())
+        return timer.timeit(number).mean
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     synchronize(device)
     start.record()
