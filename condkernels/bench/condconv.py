@@ -181,7 +181,7 @@ def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
 
     def target(text, results):
         met = None if not results or not on_cpu else all(results)
-        return Target(OP, text + notes, met, f"{count(results)} rows" if results else "no rows")
+        return Target(OP, text + notes, met, count(results) if results else "no rows")
 
     targets = [
         target("never slower than the grouped-conv trick", not_slower),

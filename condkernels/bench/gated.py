@@ -202,9 +202,9 @@ def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
                   "| density | ours/naive | target |", "|---|---|---|", *summary]
     targets = [
         Target(OP, "inference ≤ (1.2 d + 0.05) × dense+mask and ≤ the slicing loop",
-               all(inf) if inf else None, f"{count(inf)} rows" if inf else "no rows"),
+               all(inf) if inf else None, count(inf) if inf else "no rows"),
         Target(OP, "training (gated block, fwd+bwd) ≤ 1.1 × dense+mask",
-               all(train) if train else None, f"{count(train)} rows" if train else "no rows"),
+               all(train) if train else None, count(train) if train else "no rows"),
     ]
     return lines, targets
 

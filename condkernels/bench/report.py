@@ -86,6 +86,8 @@ def generate(out: Path) -> Path:
         lines.append(f"| {m['date']} | {m['device']} | {m['device_name']} | {m['threads']} | {m['dtype']} | {m['mode']} "
                      f"| {m['bandwidth_gb_s']} | {m['gemm_gmac_s']} | {m['load_average']} | {m['torch']} | {m['condkernels']} "
                      f"| `{m.get('command', '')}` |")
+    lines += ["", "A run on a busy machine (load average near or above its threads' count) is indicative only;",
+              "the targets below are judged on whatever rows are present, as they are."]
     sections, targets = [], []
     devices = list(dict.fromkeys(r["device"] for r in rows))
     for device in devices:

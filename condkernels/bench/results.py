@@ -110,4 +110,5 @@ def method_order(methods) -> list[str]:
 
 
 def count(targets: list[bool]) -> str:
-    return f"{sum(targets)} of {len(targets)}"
+    """How many rows meet a target, e.g. "7 of 12 rows met"."""
+    return f"{sum(targets)} of {len(targets)} rows met"
