@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gated import forced_gate_mask
+
 __all__ = ["DeepMoELosses", "GateHead", "ShallowEmbedding", "freeze_gates", "gate_heads"]
 
 
@@ -71,16 +73,6 @@ class ShallowEmbedding(nn.Module):
         return super().train(mode and not self.frozen)
 
 
-def _hash32(v: Tensor) -> Tensor:
-    """A 32-bit integer mix on int64 tensors holding values in [0, 2**32); products stay below 2**63."""
-    mask = 0xFFFFFFFF
-    v = v ^ (v >> 16)
-    v = (v * 0x7FEB352D) & mask
-    v = v ^ (v >> 15)
-    v = (v * 0x2C1B3C6D) & mask
-    return v ^ (v >> 16)
-
-
 class GateHead(nn.Module):
     """One head of the multi-headed sparse gating network: ``g = ReLU(W · e)`` (paper eq. 6, no bias).
 
@@ -130,15 +122,9 @@ class GateHead(nn.Module):
         cached = self._mask_cache
         if cached is not None and cached.shape[0] == batch and cached.device == device and cached.dtype == dtype:
             return cached
-        mask32 = 0xFFFFFFFF
-        stream = _hash32(torch.tensor([(self.forced_seed * 0x9E3779B1 + self.index) & mask32], dtype=torch.int64))
-        rows = torch.arange(batch, dtype=torch.int64).view(-1, 1)
-        cols = torch.arange(self.channels, dtype=torch.int64).view(1, -1)
-        keys = _hash32((_hash32(rows ^ stream) + cols * 0x61C88647) & mask32)
-        # Open the k channels with the smallest keys: exactly k per example.
-        k = int(round(self.forced_density * self.channels))
-        rank = keys.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-        mask = (rank < k).to(device=device, dtype=dtype)
+        # Each head draws its own masks: its index joins the seed.
+        seed = (self.forced_seed * 0x9E3779B1 + self.index) & 0xFFFFFFFF
+        mask = forced_gate_mask(batch, self.channels, self.forced_density, seed, device=device, dtype=dtype)
         self._mask_cache = mask
         return mask
 
