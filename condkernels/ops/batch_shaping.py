@@ -3,7 +3,7 @@
 Where its pieces live: math shared by CPU and CUDA ``csrc/common/beta_cdf_math.h``; schema
 ``csrc/ops/batch_shaping_loss.cpp``; CPU kernels ``csrc/cpu/batch_shaping_loss.cpp``; CUDA kernels
 ``csrc/cuda/batch_shaping_loss.cu``; the naive oracle ``condkernels/reference.py``; tests
-``python_tests/test_batch_shaping.py``; benchmark ``bench/bench_batch_shaping.py``. This module holds
+``python_tests/test_batch_shaping.py``; benchmark ``condkernels/bench/batch_shaping.py``. This module holds
 the public function, its checks, the all-gather over a process group, and the fake kernels and
 autograd of the compiled op.
 """

@@ -3,7 +3,7 @@
 Where its pieces live: math shared by CPU and CUDA ``csrc/common/beta_cdf_math.h``; schema
 ``csrc/ops/beta_cdf.cpp``; CPU kernels ``csrc/cpu/beta_cdf.cpp`` (+ ``csrc/cpu/beta_cdf_block.h``);
 CUDA kernels ``csrc/cuda/beta_cdf.cu``; Triton kernels ``condkernels/triton/beta_cdf.py``; tests
-``python_tests/test_beta_cdf.py``; benchmark ``bench/bench_batch_shaping.py``. This module holds the
+``python_tests/test_beta_cdf.py``; benchmark ``condkernels/bench/batch_shaping.py``. This module holds the
 public function, its checks, and the fake kernels and autograd of every compiled variant.
 """
 

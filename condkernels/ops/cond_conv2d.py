@@ -3,7 +3,7 @@
 Where its pieces live: schema ``csrc/ops/cond_conv2d.cpp``; CPU kernels ``csrc/cpu/cond_conv2d.cpp``;
 CUDA kernels ``csrc/cuda/cond_conv2d.cu``; Triton kernels ``condkernels/triton/cond_conv2d.py``;
 the naive oracle ``condkernels/reference.py``; tests ``python_tests/test_cond_conv2d.py``;
-benchmark ``bench/bench_cond_conv2d.py``. This module holds the public function, its argument
+benchmark ``condkernels/bench/condconv.py``. This module holds the public function, its argument
 checks, and the fake kernels and autograd formulas of every compiled variant.
 """
 

@@ -3,7 +3,7 @@
 Where its pieces live: schemas ``csrc/ops/gated_conv2d.cpp``; CPU kernels ``csrc/cpu/gated_conv2d.cpp``;
 CUDA kernels ``csrc/cuda/gated_conv2d.cu``; Triton kernels ``condkernels/triton/gated_conv2d.py``;
 the dense masked oracle ``condkernels/reference.py``; tests ``python_tests/test_gated_conv2d.py``;
-benchmark ``bench/bench_gated_conv2d.py``. This module holds the public function, its argument
+benchmark ``condkernels/bench/gated.py``. This module holds the public function, its argument
 checks, and the fake kernels and autograd formulas of every compiled variant.
 
 Every compiled variant provides three ops with the schemas of ``condkernels::gated_conv2d``,

@@ -9,7 +9,7 @@
 //   once and mixes it for every example of the chunk, then per-example GEMMs consume the mixed tile
 //   while it is still in cache. With one tile covering every output channel this is plain
 //   "mix all per-example weights, then batched GEMM"; the tile size is the only difference between the
-//   two, and it is picked from cache budgets (plan_tiling, measured by bench/bench_cond_conv2d.py).
+//   two, and it is picked from cache budgets (plan_tiling, measured by condkernels/bench/condconv.py).
 // The backward walks the same tiles: per-example weight gradients dW_b exist one tile at a time and
 // are reduced at once into dW_e = sum_b r[b,e] dW_b and dr[b,e] += <dW_b, W_e> by two GEMMs.
 //
@@ -70,7 +70,7 @@ constexpr int64_t kMixTileBudgetBytes = 2 << 20;
 // Narrower tiles make the per-example GEMMs too thin to run near peak.
 constexpr int64_t kMinTile = 32;
 // Up to this many bytes of mixed weights per run, mixing them all before the GEMMs (one tile per
-// group) beat cache-sized tiles in bench/bench_cond_conv2d.py (pointwise 512 at B = 32, E = 4:
+// group) beat cache-sized tiles in condkernels/bench/condconv.py (pointwise 512 at B = 32, E = 4:
 // 34 MB); beyond it the tiles won (pointwise 2048->512 at B = 32, E = 32: 134 MB). Twice the L3.
 constexpr int64_t kWholeBudgetBytes = 64 << 20;
 

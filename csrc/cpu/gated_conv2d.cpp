@@ -32,11 +32,12 @@ namespace condkernels {
 namespace {
 
 // Fractions of the dense multiply-adds (averaged over examples and groups) above which the dense
-// convolution + masks is taken, from bench/bench_gated_conv2d.py on a 2-core AMD EPYC (AVX-512),
+// convolution + masks is taken, from condkernels/bench/gated.py on a 2-core AMD EPYC (AVX-512),
 // docs/benchmarks_gated_conv2d.md, whose "compacted" column forces the per-example path:
 // - forward: it wins up to density 0.5 on every ResNet block shape but 512 @ 7x7 (mixed at 0.75);
-// - forward on small planes (under 8x8 outputs): reading the open filters once per example, not
-//   once per batch, makes it lose from 0.5 (wins or ties at 0.25);
+// - forward on small planes (under 8x8 outputs) of a batch: reading the open filters once per
+//   example, not once per batch, makes it lose from 0.5 (wins or ties at 0.25); at batch 1 the
+//   compacted convolution measured 0.73x of the dense one at density 0.5 (512 @ 7x7);
 // - backward (MKL GEMMs): it measured 0.97-1.55x of the dense masked training step at 0.25.
 constexpr double kDenseAboveForward = 0.6;
 constexpr double kDenseAboveForwardSmallPlanes = 0.3;
@@ -49,7 +50,9 @@ double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
   const char* env = std::getenv("CONDKERNELS_GATED_DENSE_ABOVE");
   if (env != nullptr) return std::atof(env);
   if (backward) return kDenseAboveBackward;
-  return g.out_h * g.out_w < kSmallPlane ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
+  // A single example reads its open filters once, as the dense convolution reads all of them.
+  const bool small_planes = g.out_h * g.out_w < kSmallPlane && g.batch > 1;
+  return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
 }
 
 // Open channels of one example, as indices local to their group, group after group.
@@ -161,23 +164,47 @@ void col2im_channels(const T* cols, int64_t n, const ConvGeometry& g, Acc* gx) {
   });
 }
 
-// dst[o, (i, k)] = weight[group's outs[o], ins[i], k] * (in_gate of ins[i], when given).
+// One filter's kk taps: a fixed-size copy for the usual kernels (a library memcpy call per 3x3
+// filter costs more than the 36 bytes it moves).
+template <typename T>
+inline void copy_filter(T* d, const T* s, int64_t kk) {
+  switch (kk) {
+    case 9: std::memcpy(d, s, 9 * sizeof(T)); break;
+    case 1: *d = *s; break;
+    case 25: std::memcpy(d, s, 25 * sizeof(T)); break;
+    default: std::memcpy(d, s, kk * sizeof(T));
+  }
+}
+
+// dst[o, (i, k)] = weight[group's outs[o], ins[i], k] * (in_gate of ins[i], when given), rows
+// dst_stride apart; with padded_rows > n_out, rows [n_out, padded_rows) and each row's tail past
+// n_in * kk are zeroed (and nothing else is written twice).
 template <typename T>
 void gather_weight(const T* weight, const ConvGeometry& g, int64_t grp, const int64_t* outs,
                    int64_t n_out, const int64_t* ins, int64_t n_in, const T* in_gate_row, T* dst,
-                   int64_t dst_stride) {
+                   int64_t dst_stride, int64_t padded_rows = 0) {
   const int64_t cin_g = g.in_channels_per_group(), kk = g.kernel_h * g.kernel_w;
   using acc_t = at::opmath_type<T>;
-  parallel_rows(n_out, n_in * kk, [&](int64_t o0, int64_t o1) {
+  padded_rows = std::max(padded_rows, n_out);
+  parallel_rows(padded_rows, dst_stride, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
-      const T* w_row = weight + (grp * g.out_channels_per_group() + outs[o]) * cin_g * kk;
       T* d = dst + o * dst_stride;
+      if (o >= n_out) {
+        std::fill(d, d + dst_stride, T(0));
+        continue;
+      }
+      std::fill(d + n_in * kk, d + dst_stride, T(0));
+      const T* w_row = weight + (grp * g.out_channels_per_group() + outs[o]) * cin_g * kk;
+      if (in_gate_row == nullptr && n_in == cin_g) {  // every input open: the row as it is
+        std::memcpy(d, w_row, n_in * kk * sizeof(T));
+        continue;
+      }
       for (int64_t i = 0; i < n_in; ++i) {
         const T* s = w_row + ins[i] * kk;
-        if (in_gate_row == nullptr) {
-          std::memcpy(d + i * kk, s, kk * sizeof(T));
+        const acc_t scale = in_gate_row != nullptr ? static_cast<acc_t>(in_gate_row[grp * cin_g + ins[i]]) : acc_t(1);
+        if (scale == acc_t(1)) {  // binary gates: every open filter as it is
+          copy_filter(d + i * kk, s, kk);
         } else {
-          const acc_t scale = static_cast<acc_t>(in_gate_row[grp * cin_g + ins[i]]);
           for (int64_t k = 0; k < kk; ++k) d[i * kk + k] = static_cast<T>(static_cast<acc_t>(s[k]) * scale);
         }
       }
@@ -284,8 +311,8 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
         }
       });
       at::Tensor w_open = ws.weight.narrow(0, 0, out_p * in_p * kk);
-      w_open.zero_();
-      gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), in_p * kk);
+      gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), in_p * kk,
+                    out_p);
       result = at::conv2d(pad_if_asymmetric(planes, g), w_open.view({out_p, in_p, g.kernel_h, g.kernel_w}),
                           {}, {g.stride_h, g.stride_w}, symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
                    .contiguous()

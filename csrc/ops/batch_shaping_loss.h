@@ -6,7 +6,7 @@
 // csrc/ops/batch_shaping_loss.cpp. CPU kernels: csrc/cpu/batch_shaping_loss.cpp; CUDA kernels:
 // csrc/cuda/batch_shaping_loss.cu; Triton path: condkernels/triton/batch_shaping_loss.py; Python
 // function, fakes, autograd and the process-group gather: condkernels/ops/batch_shaping.py;
-// tests: python_tests/test_batch_shaping.py; benchmark: bench/bench_batch_shaping.py.
+// tests: python_tests/test_batch_shaping.py; benchmark: condkernels/bench/batch_shaping.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>

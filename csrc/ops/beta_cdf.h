@@ -3,7 +3,7 @@
 // Math (shared by CPU and CUDA): csrc/common/beta_cdf_math.h. Schema: csrc/ops/beta_cdf.cpp.
 // CPU kernels: csrc/cpu/beta_cdf.cpp; CUDA kernels: csrc/cuda/beta_cdf.cu; Triton kernels:
 // condkernels/triton/beta_cdf.py; Python function, fakes and autograd: condkernels/ops/beta_cdf.py;
-// tests: python_tests/test_beta_cdf.py; benchmark: bench/bench_batch_shaping.py.
+// tests: python_tests/test_beta_cdf.py; benchmark: condkernels/bench/batch_shaping.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -3,7 +3,7 @@
 // Schema (csrc/ops/cond_conv2d.cpp), CPU kernels (csrc/cpu/cond_conv2d.cpp), CUDA kernels
 // (csrc/cuda/cond_conv2d.cu), Triton kernels (condkernels/triton/cond_conv2d.py), Python function,
 // fake kernel and autograd (condkernels/ops/cond_conv2d.py), tests (python_tests/test_cond_conv2d.py),
-// benchmark (bench/bench_cond_conv2d.py).
+// benchmark (condkernels/bench/condconv.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -4,7 +4,7 @@
 // Schema (csrc/ops/gated_conv2d.cpp), CPU kernels (csrc/cpu/gated_conv2d.cpp), CUDA kernels
 // (csrc/cuda/gated_conv2d.cu), Triton kernels (condkernels/triton/gated_conv2d.py), Python function,
 // fake kernels and autograd (condkernels/ops/gated_conv2d.py), tests
-// (python_tests/test_gated_conv2d.py), benchmark (bench/bench_gated_conv2d.py).
+// (python_tests/test_gated_conv2d.py), benchmark (condkernels/bench/gated.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
