@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num-experts", type=int, help="experts per CondConv layer (builders that take num_experts)")
     a("--width-mult", type=float, help="width multiplier (builders that take width_mult)")
     a("--wide", action="store_true", help="DeepMoE: the wide variant (2x channels)")
+    a("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+      help="any other keyword of the builder, e.g. cond_begin=13 or router_sharing=single (repeatable; "
+           "values are read as Python literals, else kept as strings)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", metavar="DIR", help="CIFAR-10 root (torchvision layout: DIR/cifar-10-batches-py), never downloaded")
     data.add_argument("--synthetic", action="store_true", help="a small generated, learnable data set (no files)")
@@ -129,6 +132,15 @@ def _float_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def resolve(argv=None, world_size: int = 1) -> argparse.Namespace:
     """Parses ``argv``, fills the kind's preset and checks every value. Errors exit through
     ``parser.error`` (status 2) with a message naming the flag."""
@@ -146,6 +158,15 @@ def resolve(argv=None, world_size: int = 1) -> argparse.Namespace:
                               ("--wide", "wide", args.wide or None)):
         if value is not None and name not in params:
             err(f"{flag}: model {args.model} does not take {name}")
+    args.model_kwargs = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            err(f"--model-arg: expected KEY=VALUE, got {item!r}")
+        if key not in params or key in ("num_classes", "num_experts", "width_mult", "wide"):
+            err(f"--model-arg: model {args.model} takes no keyword {key!r} here "
+                f"(its keywords: {', '.join(k for k in params if k not in ('num_classes',))})")
+        args.model_kwargs[key] = _literal(value)
     if args.num_experts is not None and args.num_experts < 1:
         err(f"--num-experts must be >= 1, got {args.num_experts}")
     if args.width_mult is not None and not (args.width_mult > 0 and math.isfinite(args.width_mult)):
@@ -231,4 +252,8 @@ def build_model(args: argparse.Namespace, num_classes: int):
         kwargs["width_mult"] = args.width_mult
     if args.wide:
         kwargs["wide"] = True
-    return builder(**kwargs)
+    kwargs.update(args.model_kwargs)
+    try:
+        return builder(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--model {args.model}: {e}") from None

@@ -58,8 +58,8 @@ def synthetic(size: int, image_size: int, seed: int, num_classes: int = 10) -> D
 
     def split(n: int) -> Split:
         labels = torch.randint(0, num_classes, (n,), generator=gen)
-        contrast = 0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
-        x = 0.5 + contrast * (patterns[labels] - 0.5) + 0.15 * torch.randn(n, 3, image_size, image_size, generator=gen)
+        contrast = 0.8 + 0.2 * torch.rand(n, 1, 1, 1, generator=gen)
+        x = 0.5 + contrast * (patterns[labels] - 0.5) + 0.1 * torch.randn(n, 3, image_size, image_size, generator=gen)
         images = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         return Split(images, labels)
 
