@@ -107,7 +107,9 @@ class Trainer:
         torch.manual_seed(args.seed)
         model = build_model(args, self.data.num_classes).to(device)
         if self.world > 1 and args.sync_bn:
-            model = convert_sync_batchnorm(model, group)
+            # a group of its own: the statistics' all-reduces in the backward must not interleave with
+            # DDP's asynchronous gradient all-reduces on one gloo group
+            model = convert_sync_batchnorm(model, dist.new_group(list(range(self.world))))
         self.model = model
         self.objective = make_objective(args.kind, model, args, group)
         torch.manual_seed(args.seed + 1_000 * self.rank)
