@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make bench   -- virtual environment, pinned dependencies, build, then the microbenchmarks
+#   make bench   -- virtual environment, pinned dependencies, build, then the benchmark runner's quick
+#                   suite (every op and the networks), report written to docs/benchmarks.md
 #   make test    -- the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,8 +29,11 @@ build: $(BUILD_STAMP)
 test: build
 	$(PY) -m pytest python_tests -q -ra
 
+# BENCH_ARGS: more options of the runner, e.g. BENCH_ARGS="--full --threads 2" (see --help).
+BENCH_ARGS ?=
+
 bench: build
-	$(PY) bench/bench_cond_conv2d.py
+	$(PY) -m condkernels.bench --out docs $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info condkernels/*.so $(BUILD_STAMP)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .nn.condconv import CondConv2d
+from .nn.gated import GatedConv2d
 
 InferenceRule = Callable[[nn.Module], None]
 INFERENCE_RULES: dict[type, InferenceRule] = {}
@@ -69,7 +70,7 @@ def _batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     return (
-        isinstance(conv, (nn.Conv2d, CondConv2d))
+        isinstance(conv, (nn.Conv2d, CondConv2d, GatedConv2d))
         and type(bn) is nn.BatchNorm2d
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels
@@ -77,7 +78,7 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    """Folds eval-mode ``bn`` into ``conv`` (nn.Conv2d or CondConv2d) in place.
+    """Folds eval-mode ``bn`` into ``conv`` (nn.Conv2d, GatedConv2d or CondConv2d) in place.
 
     For a CondConv2d the scale goes into every expert's kernel and bias; the shift is added after
     the mixing (``conv.shift``) since the routing weights need not sum to one.

@@ -231,6 +231,21 @@ def test_nan_and_negative_gates_stay_in_their_example(dense_above, monkeypatch):
 
 
 @pytest.mark.parametrize("dense_above", list(PATHS.values()), ids=list(PATHS))
+def test_tiny_float64_gates_are_open(dense_above, monkeypatch):
+    """Only an exact 0 closes a channel: float64 gates far below float32's range still scale it."""
+    monkeypatch.setenv(DENSE_ABOVE, dense_above)
+    cfg = dict(batch=2, cin=4, cout=5, groups=1, k=3, hw=(5, 5), bias=False, gates="binary-0.5", which="both")
+    x, w, _, ig, og = make_inputs(cfg, seed=11)
+    ig[0], og[0] = 0.0, 1.0  # example 0: only input channel 0 open, at 1e-300
+    ig[0, 0] = 1e-300
+    ig[1], og[1], og[1, 1] = 1.0, 0.0, 1e-300  # example 1: only output channel 1 open, at 1e-300
+    y = condkernels.gated_conv2d(x, w, None, ig, og, padding=1)
+    want = oracle(x, w, None, ig, og, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert (want[:, :].abs().amax(dim=(1, 2, 3)) > 0).all()
+    torch.testing.assert_close(y * 1e300, want * 1e300, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dense_above", list(PATHS.values()), ids=list(PATHS))
 def test_closed_gates_still_learn(dense_above, monkeypatch):
     """A gate at 0 gets the gradient of its ungated channel: <grad_y, conv + bias> for out_gate,
     <x, d(in_gate * x)> for in_gate; skipping that work would freeze closed gates shut."""

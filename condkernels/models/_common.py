@@ -12,6 +12,8 @@ from torch import nn
 from ..nn.condconv import (
     ROUTER_ACTIVATIONS, CondConv2d, RoutedSequential, Router, RouterHidden, router_hidden_size,
 )
+from ..nn.deepmoe import GateHead
+from ..nn.gated import ChannelGate, GatedConv2d
 
 ROUTER_SHARING = ("block", "partial", "single")
 
@@ -80,13 +82,15 @@ class CondSpec:
 
 @torch.no_grad()
 def init_weights(model: nn.Module) -> None:
-    """torchvision's init, per expert for CondConv: He-normal (fan-out) convs, unit BatchNorm,
-    N(0, 0.01) linear layers. Routers keep nn.Linear's default init."""
-    in_routers = {id(m) for r in model.modules() if isinstance(r, Router) for m in r.modules()}
+    """torchvision's init, per expert for CondConv: He-normal (fan-out) convolutions (plain, CondConv
+    and gated), unit BatchNorm, N(0, 0.01) linear layers. Routers and gate modules (ChannelGate,
+    DeepMoE's GateHead) keep their own initialisation."""
+    keeps_own = (Router, ChannelGate, GateHead)
+    own_init = {id(m) for r in model.modules() if isinstance(r, keeps_own) for m in r.modules()}
     for m in model.modules():
-        if id(m) in in_routers:
+        if id(m) in own_init:
             continue
-        if isinstance(m, (nn.Conv2d, CondConv2d)):
+        if isinstance(m, (nn.Conv2d, CondConv2d, GatedConv2d)):
             kh, kw = m.kernel_size
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.out_channels * kh * kw)))
             if m.bias is not None:
@@ -96,7 +100,8 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 @torch.no_grad()

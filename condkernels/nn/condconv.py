@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import cond_conv2d
-from ..ops._conv_args import IntOrPair, Padding, pair
+from ..ops._conv_args import IntOrPair, Padding, conv_module_args
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -130,25 +130,14 @@ class CondConv2d(RoutedModule):
         dtype=None,
     ) -> None:
         super().__init__()
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(
-                f"CondConv2d: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
-            )
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"CondConv2d: groups ({groups}) must divide in_channels ({in_channels}) and "
-                f"out_channels ({out_channels})"
-            )
+        geometry = conv_module_args("CondConv2d", in_channels, out_channels, kernel_size, stride, padding,
+                                    dilation, groups)
         if num_experts <= 0:
             raise ValueError(f"CondConv2d: num_experts must be positive, got {num_experts}")
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise ValueError(f"CondConv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = tuple(pair(kernel_size, "CondConv2d: kernel_size"))
-        self.stride = tuple(pair(stride, "CondConv2d: stride"))
-        self.padding = padding if isinstance(padding, str) else tuple(pair(padding, "CondConv2d: padding"))
-        self.dilation = tuple(pair(dilation, "CondConv2d: dilation"))
+        self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
+        self.padding, self.dilation = geometry["padding"], geometry["dilation"]
         self.groups = groups
         self.num_experts = num_experts
         factory = {"device": device, "dtype": dtype}

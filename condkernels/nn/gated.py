@@ -1,8 +1,8 @@
-"""Channel-gated convolution module.
+"""Channel-gated convolution module and the batch-shaping gate module.
 
 ``GatedConv2d`` is a drop-in for :class:`torch.nn.Conv2d` whose forward also takes per-example
 channel gates; ``condkernels.gated_conv2d`` skips each example's closed channels (gate exactly 0).
-The gates come from outside: a batch-shaping ``ChannelGate`` or DeepMoE's ReLU gates.
+The gates come from outside: a batch-shaping :class:`ChannelGate` or DeepMoE's ReLU gates.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..gates import binary_concrete_gate, gate_probability
 from ..ops import gated_conv2d
-from ..ops._conv_args import IntOrPair, Padding, pair
+from ..ops._conv_args import IntOrPair, Padding, conv_module_args
 
 
 class GatedConv2d(nn.Module):
@@ -39,23 +40,12 @@ class GatedConv2d(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(
-                f"GatedConv2d: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
-            )
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"GatedConv2d: groups ({groups}) must divide in_channels ({in_channels}) and "
-                f"out_channels ({out_channels})"
-            )
-        if isinstance(padding, str) and padding not in ("same", "valid"):
-            raise ValueError(f"GatedConv2d: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        geometry = conv_module_args("GatedConv2d", in_channels, out_channels, kernel_size, stride, padding,
+                                    dilation, groups)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = tuple(pair(kernel_size, "GatedConv2d: kernel_size"))
-        self.stride = tuple(pair(stride, "GatedConv2d: stride"))
-        self.padding = padding if isinstance(padding, str) else tuple(pair(padding, "GatedConv2d: padding"))
-        self.dilation = tuple(pair(dilation, "GatedConv2d: dilation"))
+        self.kernel_size, self.stride = geometry["kernel_size"], geometry["stride"]
+        self.padding, self.dilation = geometry["padding"], geometry["dilation"]
         self.groups = groups
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -89,3 +79,144 @@ class GatedConv2d(nn.Module):
         if self.bias is None:
             s += ", bias=False"
         return s
+
+
+class ChannelGate(nn.Module):
+    """The batch-shaping paper's gate module: per-example 0/1 gates for ``gated_channels`` channels.
+
+    ``GAP(x) -> Linear(in_channels, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, gated_channels)``
+    gives the logits ``ln(pi)``; :func:`~condkernels.binary_concrete_gate` turns them into gates:
+    in training a hard 0/1 sample with the straight-through gradient of ``sigmoid((logits + noise) / tau)``,
+    in eval the deterministic ``1[logits > 0]``. ``forward(x)`` takes ``(B, in_channels, H, W)`` and
+    returns ``(B, gated_channels)`` in x's dtype.
+
+    After each forward the module keeps, for the losses and the counting:
+
+    - ``last_logits``: the logits (with their graph in training),
+    - ``last_probability``: ``sigmoid(logits)`` (:func:`~condkernels.gate_probability`), the soft
+      value the batch-shaping and L0 losses take,
+    - ``last_open_fraction``: the fraction of gates that were open, a detached 0-d tensor.
+
+    (Nothing is recorded while ``torch.export`` traces the module.)
+
+    The paper does not say how the last layer is initialised; here its bias starts at ``init_bias``
+    (default 3.0, ``P(open) = sigmoid(3) ~ 0.95``) so that training starts from the open network and
+    the losses close gates from there. Note BatchNorm1d needs more than one example per batch in training.
+
+    :meth:`force_density` replaces the learned decisions by fixed random masks of a chosen density
+    (benchmarks and counting at a given sparsity).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        gated_channels: int,
+        hidden: int = 16,
+        tau: float = 2.0 / 3.0,
+        init_bias: float = 3.0,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("gated_channels", gated_channels), ("hidden", hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ChannelGate: {name} must be a positive int, got {v!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < math.inf):
+            raise ValueError(f"ChannelGate: tau must be a positive number, got {tau!r}")
+        self.in_channels = in_channels
+        self.gated_channels = gated_channels
+        self.tau = float(tau)
+        self.init_bias = float(init_bias)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, gated_channels)
+        self.forced_density: Optional[float] = None
+        self.forced_seed = 0
+        self.last_logits: Optional[Tensor] = None
+        self.last_probability: Optional[Tensor] = None
+        self.last_open_fraction: Optional[Tensor] = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        self.bn.reset_parameters()
+        self.fc2.reset_parameters()
+        with torch.no_grad():
+            self.fc2.bias.fill_(self.init_bias)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``(B, gated_channels)`` gate logits of ``x``."""
+        return self.fc2(self.relu(self.bn(self.fc1(x.mean(dim=(2, 3))))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"ChannelGate: x must be (B, {self.in_channels}, H, W), got {got}")
+        logits = self.logits(x)
+        if self.forced_density is not None:
+            gate = forced_gate_mask(x.shape[0], self.gated_channels, self.forced_density, self.forced_seed,
+                                    device=x.device, dtype=logits.dtype)
+        else:
+            gate = binary_concrete_gate(logits, self.tau, hard=True, training=self.training)
+        if not torch.compiler.is_exporting():
+            self.last_logits = logits
+            self.last_probability = gate_probability(logits)
+            self.last_open_fraction = gate.detach().mean()
+        return gate
+
+    _RECORDS = ("last_logits", "last_probability", "last_open_fraction")
+
+    def __getstate__(self):
+        # The records of the last forward hold autograd graphs, which cannot be copied or pickled;
+        # a copy (deepcopy, optimize_for_inference, pickle) starts without them.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        for name in self._RECORDS:
+            state[name] = None
+        return state
+
+    def force_density(self, density: Optional[float], seed: int = 0) -> None:
+        """From now on emit fixed random per-example 0/1 masks with ``round(density * gated_channels)``
+        open gates per example (see :func:`forced_gate_mask`: example b's mask depends only on
+        ``seed`` and ``b``, whatever the batch size); ``None`` restores the learned gates."""
+        if density is not None:
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 <= density <= 1.0):
+                raise ValueError(f"ChannelGate.force_density: density must be None or a number in [0, 1], got {density!r}")
+            density = float(density)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"ChannelGate.force_density: seed must be an int, got {seed!r}")
+        self.forced_density = density
+        self.forced_seed = seed
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels} -> {self.gated_channels} gates, tau={self.tau:.4g}"
+        if self.forced_density is not None:
+            s += f", forced_density={self.forced_density}"
+        return s
+
+
+_HASH_MASK = (1 << 31) - 1
+
+
+def _mix(h: Tensor) -> Tensor:
+    # A few xorshift-multiply rounds on 31-bit values held in int64 (no overflow: < 2^62).
+    for _ in range(3):
+        h = h ^ (h >> 13)
+        h = (h * 1103515245 + 12345) & _HASH_MASK
+        h = h ^ (h >> 16)
+    return h
+
+
+def forced_gate_mask(batch: int, channels: int, density: float, seed: int = 0, *, device=None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(batch, channels)`` 0/1 masks with exactly ``round(density * channels)`` ones per row.
+
+    Row b is a pseudo-random choice of channels that depends only on ``(seed, b)``: the first rows
+    are the same whatever ``batch`` is, and the masks are the same on every device.
+    """
+    k = int(round(density * channels))
+    b = torch.arange(batch, device=device, dtype=torch.int64).view(-1, 1)
+    c = torch.arange(channels, device=device, dtype=torch.int64).view(1, -1)
+    h = _mix(_mix((b * 40503 + (seed & _HASH_MASK)) & _HASH_MASK) ^ c)
+    # Unique keys (hash, then channel) so the ranking is a permutation with no ties.
+    ranks = (h * channels + c).argsort(dim=1).argsort(dim=1)
+    return (ranks < k).to(dtype)

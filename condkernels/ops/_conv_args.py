@@ -97,3 +97,28 @@ def check_geometry(op: str, x: torch.Tensor, weight: torch.Tensor, stride, pad4,
 def shape_of(t) -> str:
     """How an argument that should be a tensor looks, for error messages."""
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def conv_module_args(module: str, in_channels: int, out_channels: int, kernel_size: IntOrPair,
+                     stride: IntOrPair, padding: Padding, dilation: IntOrPair, groups: int) -> dict:
+    """Checks and normalises the geometry arguments of a convolution module's constructor.
+
+    Returns ``kernel_size``, ``stride``, ``dilation`` as tuples and ``padding`` as a tuple or the
+    string ``"same"`` / ``"valid"``; errors name ``module`` and the argument.
+    """
+    if in_channels <= 0 or out_channels <= 0:
+        raise ValueError(
+            f"{module}: in_channels and out_channels must be positive, got {in_channels}, {out_channels}"
+        )
+    if groups <= 0 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{module}: groups ({groups}) must divide in_channels ({in_channels}) and out_channels ({out_channels})"
+        )
+    if isinstance(padding, str) and padding not in ("same", "valid"):
+        raise ValueError(f"{module}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    return dict(
+        kernel_size=tuple(pair(kernel_size, f"{module}: kernel_size")),
+        stride=tuple(pair(stride, f"{module}: stride")),
+        padding=padding if isinstance(padding, str) else tuple(pair(padding, f"{module}: padding")),
+        dilation=tuple(pair(dilation, f"{module}: dilation")),
+    )

@@ -54,16 +54,17 @@ block sizes (untuned) are unverified there, and no timings exist.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import custom_op, triton_op, wrap_triton
 
 from ..ops.cond_conv2d import OP, check_args, check_geometry, register_variant
+from ._common import acc_dtype as _acc_dtype, acc_zeros as _acc_zeros, block as _block
+from ._common import geometry_args as _geometry_args, interpreted as _interpreted, launch as _launch
+from ._common import register_op as _register_op
 from ..ops._conv_args import memory_format_of
 
 FORWARD_OP = "condkernels::cond_conv2d_triton"
@@ -80,34 +81,7 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _register_op(name: str, schema: str):
-    """``triton_op`` when the kernels are compiled; an opaque ``custom_op`` under the interpreter.
-
-    Under TRITON_INTERPRET=1, ``@triton.jit`` yields an ``InterpretedFunction`` and ``wrap_triton``
-    hands it back unwrapped (there is no HOP to trace it into), so the functional decomposition a
-    ``triton_op`` undergoes in torch.compile / AOTAutograd would launch the interpreter on fake
-    tensors. Eager calls on CPU tensors do work through ``triton_op``; tracing does not. Registering
-    the interpreted kernels as an ordinary custom op keeps them traceable as one opaque node.
-    """
-    if _interpreted():
-        return custom_op(name, mutates_args=(), schema=schema)
-    return triton_op(name, mutates_args=(), schema=schema)
-
-
 # --- kernels -------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _acc_zeros(M: tl.constexpr, N: tl.constexpr, FP64: tl.constexpr):
-    if FP64:
-        acc = tl.zeros((M, N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((M, N), dtype=tl.float32)
-    return acc
 
 
 @triton.jit
@@ -477,11 +451,6 @@ def _depthwise_grad_weight_kernel(
 # --- launchers -----------------------------------------------------------------------------------
 
 
-def _block(n: int, cap: int, floor: int = 16) -> int:
-    """A power-of-two block covering ``n`` up to ``cap``; ``tl.dot`` needs at least 16."""
-    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
 def _caps() -> dict:
     # The interpreter pays per program and per block operation, not per element: fewer, larger blocks.
     if _interpreted():
@@ -491,21 +460,12 @@ def _caps() -> dict:
     return dict(p=64, c=64, k=32, n=128, dw_c=32, dw_p=128, contract_n=32, split_programs=264)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _upcast_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreted()
 
 
 def _is_depthwise(x: Tensor, weight: Tensor, groups: int) -> bool:
     return groups > 1 and groups == x.shape[1] == weight.shape[1]
-
-
-def _launch(kernel, grid: Sequence[int], *args, **meta) -> None:
-    if all(int(g) > 0 for g in grid):
-        wrap_triton(kernel)[tuple(grid)](*args, **meta)
 
 
 def _check_call(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
@@ -591,10 +551,6 @@ def _routing_grad(routing: Tensor, dw: Tensor, weight: Tensor, db: Optional[Tens
     )
     out.copy_(partial.sum(0) if splits > 1 else partial[0])
     return out
-
-
-def _geometry_args(stride, padding, dilation) -> tuple[int, ...]:
-    return stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1]
 
 
 @_register_op(FORWARD_OP, _FORWARD_SCHEMA)

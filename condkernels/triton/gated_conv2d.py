@@ -37,17 +37,18 @@ their block sizes for GPUs are untuned.
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import custom_op, triton_op, wrap_triton
 
 from ..ops._conv_args import memory_format_of
 from ..ops.gated_conv2d import OP, check_args, check_geometry, register_variant
+from ._common import acc_dtype as _acc_dtype, acc_zeros as _acc_zeros, block as _block
+from ._common import geometry_args as _geometry, interpreted as _interpreted, launch as _launch
+from ._common import register_op as _register_op
 
 FORWARD_OP = "condkernels::gated_conv2d_triton"
 WITH_UNGATED_OP = "condkernels::_gated_conv2d_with_ungated_triton"
@@ -66,28 +67,7 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _register_op(name: str, schema: str):
-    """``triton_op`` for compiled kernels; an opaque ``custom_op`` under the interpreter, whose
-    ``InterpretedFunction`` kernels ``wrap_triton`` cannot trace."""
-    if _interpreted():
-        return custom_op(name, mutates_args=(), schema=schema)
-    return triton_op(name, mutates_args=(), schema=schema)
-
-
 # --- kernels -------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _acc_zeros(M: tl.constexpr, N: tl.constexpr, FP64: tl.constexpr):
-    if FP64:
-        acc = tl.zeros((M, N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((M, N), dtype=tl.float32)
-    return acc
 
 
 @triton.jit
@@ -290,25 +270,11 @@ def _grad_weight_kernel(
 # --- launchers -----------------------------------------------------------------------------------
 
 
-def _block(n: int, cap: int) -> int:
-    """A power-of-two block covering ``n`` up to ``cap``; ``tl.dot`` needs at least 16."""
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
 def _caps() -> dict:
     # The interpreter pays per program and per block operation, not per element: fewer, larger blocks.
     if _interpreted():
         return dict(c=64, p=256, k=64)
     return dict(c=64, p=64, k=32)
-
-
-def _launch(kernel, grid: Sequence[int], *args, **meta) -> None:
-    if all(int(g) > 0 for g in grid):
-        wrap_triton(kernel)[tuple(grid)](*args, **meta)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -329,11 +295,6 @@ def channel_lists(gate: Optional[Tensor], batch: int, channels: int, groups: int
     order = torch.argsort(closed.to(torch.int32), dim=2, stable=True)
     counts = (~closed).sum(dim=2, dtype=torch.int32).reshape(-1)
     return order.to(torch.int32).reshape(batch, channels), counts
-
-
-def _geometry(stride, padding, dilation) -> tuple[int, ...]:
-    # Kernels take (SH, SW, PH, PW, DH, DW): the begin paddings; the end ones only bound the output size.
-    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
 
 
 def _check_call(x, weight, bias, in_gate, out_gate, stride, padding, dilation, groups) -> tuple[int, int]:

@@ -10,10 +10,13 @@ namespace condkernels {
 
 // A channel is skipped only where its gate is exactly zero (either sign). NaN and negative gates
 // are ordinary values: the channel is computed and multiplied by them.
+// Half types compare through float, which holds every one of their values exactly; a double gate
+// is compared as it is (a tiny one such as 1e-300 would round to 0 in float and be skipped).
 template <typename T>
 CK_INLINE bool gate_is_open(T gate) {
   return !(static_cast<float>(gate) == 0.0f);
 }
+CK_INLINE bool gate_is_open(double gate) { return !(gate == 0.0); }
 
 CK_INLINE int64_t ceil_div_signed(int64_t a, int64_t b) {  // b > 0, a of either sign
   return a >= 0 ? (a + b - 1) / b : -((-a) / b);

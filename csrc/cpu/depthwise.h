@@ -94,6 +94,9 @@ void forward(const ConvGeometry& g, bool channels_last, const T* x, const T* rou
   at::parallel_for(0, g.batch * n_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> r(experts), wk(block * taps), wt(block * taps), bias_mix(block, A(0));
     std::vector<A> xpad(channels_last ? 0 : wp.padded_size()), acc(channels_last ? OW * block : wp.wide_size());
+    std::vector<int64_t> tap_offset(taps);  // of tap (i, j) in the padded plane
+    for (int64_t i = 0; i < KH; ++i)
+      for (int64_t j = 0; j < KW; ++j) tap_offset[i * KW + j] = i * g.dilation_h * wp.wp + j * g.dilation_w;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / n_blocks, c0 = (item % n_blocks) * block, cb = std::min(block, C - c0);
       mix_channel_block<A, T>(routing + b * experts, weight, bias, experts, C, taps, c0, cb, r.data(), wk.data(),
@@ -102,13 +105,20 @@ void forward(const ConvGeometry& g, bool channels_last, const T* x, const T* rou
         for (int64_t c = 0; c < cb; ++c) {
           const int64_t plane = b * C + c0 + c;
           wp.load_input(g, x + plane * H * W, xpad.data());
-          std::fill(acc.begin(), acc.end(), bias_mix[c]);
-          for (int64_t i = 0; i < KH; ++i)
-            for (int64_t j = 0; j < KW; ++j)
-              wp.for_each_run(g, i, j, [&](int64_t out_off, int64_t in_off, int64_t n) {
-                rows::axpy_strided(acc.data() + out_off, xpad.data() + in_off, wk[c * taps + i * KW + j], n,
-                                   g.stride_w);
-              });
+          if (g.stride_w == 1) {  // all taps of a run at once, in registers
+            const int64_t runs = g.stride_h == 1 ? 1 : OH, run = g.stride_h == 1 ? OH * wp.wq : wp.wq;
+            for (int64_t k = 0; k < runs; ++k)
+              rows::multi_tap(acc.data() + k * wp.wq, xpad.data() + k * g.stride_h * wp.wp, tap_offset.data(),
+                              wk.data() + c * taps, taps, run, bias_mix[c]);
+          } else {
+            std::fill(acc.begin(), acc.end(), bias_mix[c]);
+            for (int64_t i = 0; i < KH; ++i)
+              for (int64_t j = 0; j < KW; ++j)
+                wp.for_each_run(g, i, j, [&](int64_t out_off, int64_t in_off, int64_t n) {
+                  rows::axpy_strided(acc.data() + out_off, xpad.data() + in_off, wk[c * taps + i * KW + j], n,
+                                     g.stride_w);
+                });
+          }
           T* yp = y + plane * OH * OW;
           for (int64_t oh = 0; oh < OH; ++oh)
             for (int64_t ow = 0; ow < OW; ++ow) yp[oh * OW + ow] = static_cast<T>(acc[oh * wp.wq + ow]);

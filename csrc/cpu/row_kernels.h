@@ -9,6 +9,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -125,6 +126,36 @@ inline __attribute__((always_inline)) void mix4_rows(A* __restrict acc, int64_t 
   }
 }
 
+// out[q] = init + sum_t w[t] * x[q + off[t]] for q < n: every tap of a stride-1 depthwise filter
+// accumulated in registers with one store per output, where an axpy per tap loads and stores the
+// output once per tap. Explicit vectors: the compiler does not keep a 32-lane array in registers.
+template <typename A>
+inline __attribute__((always_inline)) void multi_tap(A* __restrict out, const A* __restrict x,
+                                                      const int64_t* __restrict off, const A* __restrict w,
+                                                      int64_t taps, int64_t n, A init) {
+  typedef A V __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(A);
+  int64_t q = 0;
+  for (; q + 2 * L <= n; q += 2 * L) {
+    V a0 = V{} + init, a1 = a0;
+    for (int64_t t = 0; t < taps; ++t) {
+      const A* src = x + off[t] + q;
+      V s0, s1;
+      std::memcpy(&s0, src, sizeof(V));
+      std::memcpy(&s1, src + L, sizeof(V));
+      a0 += w[t] * s0;
+      a1 += w[t] * s1;
+    }
+    std::memcpy(out + q, &a0, sizeof(V));
+    std::memcpy(out + q + L, &a1, sizeof(V));
+  }
+  for (; q < n; ++q) {
+    A sum = init;
+    for (int64_t t = 0; t < taps; ++t) sum += w[t] * x[q + off[t]];
+    out[q] = sum;
+  }
+}
+
 }  // namespace impl
 
 #define CK_ROW_KERNELS(A, T)                                                                       \
@@ -169,5 +200,15 @@ CK_ROW_KERNELS(double, double)
 CK_ROW_KERNELS(float, c10::BFloat16)
 
 #undef CK_ROW_KERNELS
+
+// One per accumulator type (the data type is converted before: the input plane is padded in A).
+CK_MULTIVERSION static void multi_tap(float* out, const float* x, const int64_t* off, const float* w,
+                                      int64_t taps, int64_t n, float init) {
+  impl::multi_tap<float>(out, x, off, w, taps, n, init);
+}
+CK_MULTIVERSION static void multi_tap(double* out, const double* x, const int64_t* off, const double* w,
+                                      int64_t taps, int64_t n, double init) {
+  impl::multi_tap<double>(out, x, off, w, taps, n, init);
+}
 
 }  // namespace condkernels::rows

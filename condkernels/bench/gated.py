@@ -1,0 +1,236 @@
+"""gated_conv2d: the 3x3 convolutions of ResNet-18/34 blocks under per-example binary gates.
+
+Targets: inference time that scales with the density d -- condkernels <= (1.2 d + 0.05) x the dense
+masked convolution, and never slower than the per-example slicing loop; training (forward +
+backward of the batch-shaping block's gated pair, gates requiring grad) <= 1.1 x the dense masked
+block under autograd.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import torch
+
+import condkernels
+
+from . import competitors
+from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, is_ours, no_grad_call, ours
+from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
+
+SUITE = "gated"
+OP = "gated_conv2d"
+DENSE_ABOVE_ENV = "CONDKERNELS_GATED_DENSE_ABOVE"
+
+SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W)
+DENSITIES = (0.25, 0.5, 0.75, 1.0)
+# Quick mode: (C, HW, B, gate side, densities); training: (C, HW, B, densities).
+QUICK = [(128, 28, 8, "in", DENSITIES), (512, 7, 8, "in", (0.25, 0.5)), (128, 28, 8, "out", (0.5,))]
+QUICK_TRAINING = [(128, 28, 8, (0.5,))]
+
+
+def configurations(full: bool):
+    if full:
+        inference = [(c, hw, b, side, DENSITIES) for b in (1, 32) for c, hw in SHAPES for side in ("in", "out")]
+        return inference, [(c, hw, 32, DENSITIES) for c, hw in SHAPES]
+    return QUICK, QUICK_TRAINING
+
+
+def random_gate(batch: int, channels: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-example binary gates with exactly round(density * channels) open channels each."""
+    n_open = max(1, round(density * channels))
+    order = torch.rand(batch, channels, generator=gen).argsort(dim=1)
+    return torch.zeros(batch, channels).scatter_(1, order[:, :n_open], 1.0)
+
+
+def _functions(cfg) -> dict:
+    fns = {STATIC: competitors.gated_static, NAIVE: competitors.gated_naive,
+           GROUPED: competitors.gated_grouped, LOOP: competitors.gated_loop}
+    for backend in competitors.own_backends(cfg.device):
+        fns[ours(backend)] = competitors.with_backend(condkernels.gated_conv2d, backend)
+    if cfg.full and cfg.device.type == "cpu":  # the per-example compacted path at every density
+        fns[ours("cpu", "compacted")] = _compacted(fns[ours("cpu")])
+    return fns
+
+
+def _compacted(fn):
+    def call(*args, **kwargs):
+        os.environ[DENSE_ABOVE_ENV] = "2"
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            os.environ.pop(DENSE_ABOVE_ENV, None)
+
+    return call
+
+
+def _es(cfg) -> int:
+    return torch.tensor([], dtype=cfg.dtype).element_size()
+
+
+def inference_case(cfg, channels, hw, batch, side, density) -> Case:
+    es = _es(cfg)
+    act, w_n = batch * channels * hw * hw, channels * channels * 9
+    # Unavoidable: the open input channels read (in_gate) or all of x, y written, the weight read.
+    nbytes = es * (act * (density if side == "in" else 1.0) + act + w_n)
+
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, channels, hw, hw, generator=gen)
+        w = torch.randn(channels, channels, 3, 3, generator=gen) * (9 * channels) ** -0.5
+        gate = random_gate(batch, channels, density, gen)
+        x, w, gate = (t.to(cfg.device, cfg.dtype) for t in (x, w, gate))
+        ig, og = (gate, None) if side == "in" else (None, gate)
+        return {name: no_grad_call(fn, x, w, None, ig, og, 1, 1) for name, fn in _functions(cfg).items()}
+
+    return Case(
+        suite=SUITE, op=OP, name=f"{SUITE}: C={channels}@{hw} B={batch} {side}_gate d={density} inference",
+        mode="inference",
+        params=dict(channels=channels, hw=hw, batch=batch, gate=side, density=density),
+        setup=setup, macs=conv_macs(batch, channels, channels, 1, 3, hw, hw) * density, nbytes=nbytes,
+        compare=tuple(m for m in _functions(cfg) if m != STATIC), hints={LOOP: max(1.0, batch / 8)},
+    )
+
+
+def training_case(cfg, channels, hw, batch, density) -> Case:
+    """The batch-shaping block's gated pair: conv1 out-gated, ReLU, conv2 in-gated by the same gate;
+    gradients of x, both weights and the gate."""
+    es = _es(cfg)
+    act, w_n = batch * channels * hw * hw, channels * channels * 9
+    macs = 2 * conv_macs(batch, channels, channels, 1, 3, hw, hw) * density
+
+    def setup():
+        gen = torch.Generator().manual_seed(1)
+        tensors = (torch.randn(batch, channels, hw, hw, generator=gen),
+                   torch.randn(channels, channels, 3, 3, generator=gen) * (9 * channels) ** -0.5,
+                   torch.randn(channels, channels, 3, 3, generator=gen) * (9 * channels) ** -0.5,
+                   random_gate(batch, channels, density, gen))
+        x, w1, w2, gate = (t.to(cfg.device, cfg.dtype).requires_grad_(True) for t in tensors)
+        leaves = (x, w1, w2, gate)
+
+        def block_step(fn):
+            def call():
+                h = torch.relu(fn(x, w1, None, None, gate, 1, 1))
+                y = fn(h, w2, None, gate, None, 1, 1)
+                return torch.autograd.grad(y.sum(), leaves, allow_unused=True)
+
+            return call
+
+        return {name: block_step(fn) for name, fn in _functions(cfg).items()}
+
+    return Case(
+        suite=SUITE, op=OP, name=f"{SUITE}: C={channels}@{hw} B={batch} block d={density} training",
+        mode="training",
+        params=dict(channels=channels, hw=hw, batch=batch, gate="block", density=density),
+        # Forward and two backward products over the open channels; every tensor of the pair once
+        # per pass (three passes).
+        setup=setup, macs=3 * macs, nbytes=3 * es * (act + 2 * act + act + 2 * w_n),
+        hints={LOOP: max(1.0, batch / 8)},
+    )
+
+
+def cases(cfg) -> list[Case]:
+    inference, training = configurations(cfg.full)
+    out = [inference_case(cfg, c, hw, b, side, d) for c, hw, b, side, ds in inference for d in ds]
+    out += [training_case(cfg, c, hw, b, d) for c, hw, b, ds in training for d in ds]
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def ours_method(methods):
+    for backend in ("cpu", "cuda", "triton"):
+        if ours(backend) in methods:
+            return ours(backend)
+    return None
+
+
+def judge(case: dict[str, dict]) -> dict:
+    any_row = next(iter(case.values()))
+    method = ours_method(case)
+    t, dense, loop = ms(case.get(method)), ms(case.get(NAIVE)), ms(case.get(LOOP))
+    training = any_row["mode"] == "training"
+    limit = 1.1 if training else 1.2 * any_row["density"] + 0.05
+    out = dict(time=t, vs_dense=None, limit=limit, vs_loop=None, met=None)
+    if t is not None and dense is not None:
+        out["vs_dense"] = t / dense
+        out["met"] = t <= limit * dense
+        if not training and loop is not None:
+            out["vs_loop"] = t / loop
+            out["met"] = out["met"] and t <= loop
+    return out
+
+
+def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
+    cases = cases_of(rows)
+    methods = method_order({m for c in cases.values() for m in c})
+    lines = [
+        "Competitors: **static** = `F.conv2d` without gates; **naive** = the dense convolution times the",
+        "masks (`backend=\"reference\"`, what public gated networks run); **grouped** = per-example masked",
+        "kernels, batch folded into the groups; **loop** = one conv per example on its open channels only",
+        "(the batch-shaping paper's CPU method); **condkernels:&lt;backend&gt;**. 3x3, stride 1, padding 1,",
+        "per-example random binary gates with exactly `d·C` open channels. *training* = the batch-shaping",
+        "block's pair (conv1 out-gated, ReLU, conv2 in-gated by the same gate), forward + backward with",
+        "the gate requiring grad. *roofline* = max(MACs of the open channels / GEMM throughput, bytes /",
+        "bandwidth). Times in ms.",
+        "",
+        "| case | " + " | ".join(methods) + " | roofline | ours/roofline | ours/naive | target | ours/loop | met |",
+        "|---" * (len(methods) + 7) + "|",
+    ]
+    inf, train = [], []
+    for name, case in cases.items():
+        j = judge(case)
+        roof = next(iter(case.values()))["floor_ms"]
+        lines.append(
+            f"| {name.split(': ', 1)[1]} | " + " | ".join(cell(case.get(m)) for m in methods)
+            + f" | {fmt_ms(roof)} | {fmt_ratio(j['time'] / roof if j['time'] else None)} | {fmt_ratio(j['vs_dense'])}"
+            f" | ≤ {j['limit']:.2f} | {fmt_ratio(j['vs_loop'])} | {yes_no(j['met'])} |"
+        )
+        if j["met"] is not None:
+            (train if next(iter(case.values()))["mode"] == "training" else inf).append(j["met"])
+    summary = []
+    for d in sorted({r["density"] for r in rows if r["mode"] == "inference"}):
+        ratios = [judge(c)["vs_dense"] for c in cases.values()
+                  if next(iter(c.values()))["mode"] == "inference" and next(iter(c.values()))["density"] == d]
+        ratios = [r for r in ratios if r is not None]
+        if ratios:
+            summary.append(f"| {d:.2f} | {statistics.median(ratios):.2f} | {1.2 * d + 0.05:.2f} |")
+    if summary:
+        lines += ["", "Median over the inference rows of each density:", "",
+                  "| density | ours/naive | target |", "|---|---|---|", *summary]
+    targets = [
+        Target(OP, "inference ≤ (1.2 d + 0.05) × dense+mask and ≤ the slicing loop",
+               all(inf) if inf else None, count(inf) if inf else "no rows"),
+        Target(OP, "training (gated block, fwd+bwd) ≤ 1.1 × dense+mask",
+               all(train) if train else None, count(train) if train else "no rows"),
+    ]
+    return lines, targets
+
+
+def plots(rows: list[dict], plt, figdir, prefix: str) -> list[tuple[str, str]]:
+    """Inference time against density, per method, for every (shape, B, side) with three or more."""
+    groups: dict = {}
+    for r in rows:
+        if r["mode"] == "inference" and r.get("time_ms") is not None:
+            groups.setdefault((r["channels"], r["hw"], r["batch"], r["gate"]), []).append(r)
+    sweeps = [(k, v) for k, v in groups.items() if len({r["density"] for r in v}) >= 3][:8]
+    if not sweeps:
+        return []
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    for ax, ((c, hw, b, side), sel) in zip(axes[0], sweeps):
+        for method in method_order({r["method"] for r in sel}):
+            pts = sorted((r["density"], r["time_ms"]) for r in sel if r["method"] == method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                    linewidth=2.5 if is_ours(method) else 1.2)
+        ax.set_xlabel("density d (open fraction)")
+        ax.set_ylabel("ms per call")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"C={c} @{hw}x{hw}, B={b}, {side}_gate", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{prefix}gated_time_vs_density.png"
+    fig.savefig(figdir / name, dpi=110)
+    plt.close(fig)
+    return [("gated_conv2d: inference time against gate density", name)]
