@@ -248,7 +248,7 @@ class Trainer:
         density = self.objective.density()
         names = self.objective.terms
         local = ([loss.item() / self.world, ce.item() / self.world]
-                 + [float(terms[t]) / self.world for t in names]
+                 + [float(terms[t].detach()) / self.world for t in names]
                  + [float((logits.argmax(1) == y).sum()), float(y.numel()),
                     (density or 0.0) / self.world])
         red = self._reduce(local)
