@@ -1,0 +1,7 @@
+"""``python -m condkernels.train --help``"""
+
+import sys
+
+from .loop import main
+
+sys.exit(main())
