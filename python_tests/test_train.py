@@ -21,8 +21,7 @@ torch.set_num_threads(1)
 # the smallest CondConv network of the builders: CC-MobileNetV1 (0.25x, 2 experts) on 16x16 images
 CC = ["--model", "cc_mobilenet_v1", "--width-mult", "0.25", "--num-experts", "2", "--synthetic",
       "--image-size", "16", "--threads", "1", "--no-progress"]
-HAS_BAS = hasattr(condkernels.models, "resnet20_bas") and hasattr(condkernels.nn, "GateLosses")
-needs_bas = pytest.mark.skipif(not HAS_BAS, reason="needs condkernels.models.resnet20_bas and condkernels.nn.GateLosses")
+DEEPMOE = ["--model", "deepmoe_resnet56", "--synthetic", "--image-size", "16", "--threads", "1", "--no-progress"]
 BAS = ["--model", "resnet20_bas", "--synthetic", "--image-size", "16", "--threads", "1", "--no-progress"]
 
 
@@ -75,7 +74,6 @@ def test_cc_network_learns_and_writes_csv_and_png(tmp_path):
     assert os.path.getsize(os.path.join(out, "metrics.png")) > 10_000
 
 
-@needs_bas
 def test_bas_network_learns_and_reports_gates(tmp_path):
     out = run(tmp_path, "bas", BAS + ["--synthetic-size", "128", "--batch-size", "32", "--epochs", "4",
                                       "--lr", "0.05", "--no-augment"])
@@ -89,12 +87,36 @@ def test_bas_network_learns_and_reports_gates(tmp_path):
         assert float(r["train_loss"]) == pytest.approx(total, rel=1e-5)
 
 
+def test_deepmoe_network_learns_then_fine_tunes_with_frozen_gates(tmp_path):
+    out = run(tmp_path, "moe", DEEPMOE + ["--synthetic-size", "64", "--batch-size", "16", "--epochs", "4",
+                                          "--finetune-epochs", "1", "--lr", "0.05", "--no-augment"])
+    first, last = first_last_epoch_loss(out)
+    assert last < first - 0.1
+    rows = read_csv(os.path.join(out, "metrics.csv"))
+    for r in rows[:-1]:  # joint training: both DeepMoE terms are in the loss
+        assert float(r["train_gate_l1"]) > 0 and float(r["train_embedding_ce"]) > 0
+        total = float(r["train_ce"]) + float(r["train_gate_l1"]) + float(r["train_embedding_ce"])
+        assert float(r["train_loss"]) == pytest.approx(total, rel=1e-5)
+    # the fine-tuning epoch: cross-entropy alone, with the embedding network and gates frozen
+    assert float(rows[-1]["train_loss"]) == pytest.approx(float(rows[-1]["train_ce"]))
+    # the same run stopped before fine-tuning (3 epochs of 4 steps): gates and embedding did not move since
+    before = run(tmp_path, "moe_before", DEEPMOE + ["--synthetic-size", "64", "--batch-size", "16", "--epochs", "4",
+                                                     "--finetune-epochs", "1", "--lr", "0.05", "--no-augment",
+                                                     "--max-steps", "12"])
+    after = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["model"]
+    before = torch.load(os.path.join(before, "checkpoint.pt"), weights_only=False)["model"]
+    frozen = [k for k in after if (k.startswith("embedding.") or ".gate" in k) and "num_batches" not in k]
+    trained = [k for k in after if k.endswith("conv1.weight") and k.startswith("layer")]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in trained)
+
+
 # --- exact resume ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("argv", [
     pytest.param(CC + ["--synthetic-size", "64", "--batch-size", "16", "--epochs", "3"], id="cc"),
-    pytest.param(BAS + ["--synthetic-size", "64", "--batch-size", "16", "--epochs", "3"], id="bas", marks=needs_bas),
+    pytest.param(BAS + ["--synthetic-size", "64", "--batch-size", "16", "--epochs", "3"], id="bas"),
 ])
 def test_checkpoint_resumes_to_the_same_next_steps_exactly(tmp_path, argv):
     # 4 steps an epoch: the interruption falls mid-epoch (step 6), the run goes on across an epoch end
@@ -319,12 +341,3 @@ def test_batch_size_must_split_over_the_processes(capsys):
 def test_batch_larger_than_the_data_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--batch-size 64 is larger than the 32 training examples"):
         main(CC + ["--synthetic-size", "32", "--batch-size", "64", "--out", str(tmp_path)])
-
-
-@pytest.mark.skipif(HAS_BAS, reason="condkernels.nn.GateLosses exists")
-def test_gated_networks_need_their_loss_collector():
-    from condkernels.train import make_objective
-
-    args = resolve(["--model", "resnet18", "--synthetic"])
-    with pytest.raises(RuntimeError, match="needs GateLosses from condkernels.nn"):
-        make_objective("bas", torch.nn.Linear(2, 2), args)

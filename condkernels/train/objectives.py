@@ -10,9 +10,6 @@ bas       + batch-shaping (lambda annealed) + L0 (gamma warmed up)         one
 deepmoe   + lambda * gate L1 + mu * embedding cross-entropy                joint, then fine-tune
                                                                            with frozen gates
 ========  ===============================================================  ======================
-
-The gate-loss collectors (``condkernels.nn.GateLosses``, ``condkernels.nn.DeepMoELosses``) are
-imported only when such a network is trained.
 """
 
 from __future__ import annotations
@@ -22,6 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..nn import ChannelGate, DeepMoELosses, GateLosses, freeze_gates
+from ..utils import conditional_macs
 
 
 class Objective:
@@ -67,25 +67,6 @@ class CondConvObjective(Objective):
     kind = "cc"
 
 
-def _find(names: tuple, where: tuple):
-    """The first attribute of ``names`` found in the modules ``where`` (imported lazily)."""
-    import importlib
-
-    for module_name in where:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        for name in names:
-            if hasattr(module, name):
-                return getattr(module, name)
-    return None
-
-
-def _missing(what: str, where: str) -> RuntimeError:
-    return RuntimeError(f"training this network needs {what} from {where}, which this installation lacks")
-
-
 class BatchShapingObjective(Objective):
     """Cross-entropy + batch-shaping loss + L0 gate loss with their schedules
     (``condkernels.nn.GateLosses``); the batch-shaping loss is taken over the global batch when
@@ -96,9 +77,6 @@ class BatchShapingObjective(Objective):
 
     def __init__(self, model: nn.Module, args, process_group=None) -> None:
         super().__init__(model, args, process_group)
-        GateLosses = _find(("GateLosses",), ("condkernels.nn",))
-        if GateLosses is None:
-            raise _missing("GateLosses", "condkernels.nn")
         kwargs = dict(bs_initial=args.bs_lambda, bs_anneal_epochs=args.bs_anneal_epochs,
                       l0_start_epoch=args.l0_start_epoch, l0_full_epoch=args.l0_full_epoch,
                       process_group=process_group)
@@ -112,13 +90,13 @@ class BatchShapingObjective(Objective):
         return ce + sum(terms.values()), terms
 
     def no_weight_decay(self) -> set:
-        return {id(p) for m in gate_modules(self.model) for p in m.parameters()}
+        return {id(p) for m in self.model.modules() if isinstance(m, ChannelGate) for p in m.parameters()}
 
     def density(self):
         return self.collector.density()
 
     def macs(self, model, images):
-        return conditional_macs(model, images)
+        return float(conditional_macs(model, images))
 
 
 class DeepMoEObjective(Objective):
@@ -131,9 +109,6 @@ class DeepMoEObjective(Objective):
 
     def __init__(self, model: nn.Module, args, process_group=None) -> None:
         super().__init__(model, args, process_group)
-        DeepMoELosses = _find(("DeepMoELosses",), ("condkernels.nn",))
-        if DeepMoELosses is None:
-            raise _missing("DeepMoELosses", "condkernels.nn")
         kwargs = {}
         if args.moe_lambda is not None:
             kwargs["lam"] = args.moe_lambda
@@ -155,17 +130,14 @@ class DeepMoEObjective(Objective):
 
     def enter_stage(self, stage: str) -> None:
         if stage == "finetune" and not self.finetuning:
-            freeze = _find(("freeze_gates",), ("condkernels.nn", "condkernels.models", "condkernels.utils"))
-            if freeze is None:
-                raise _missing("freeze_gates", "condkernels.nn or condkernels.models")
-            freeze(self.model)
+            freeze_gates(self.model)
             self.finetuning = True
 
     def density(self):
         return self.collector.density()
 
     def macs(self, model, images):
-        return conditional_macs(model, images)
+        return float(conditional_macs(model, images))
 
 
 OBJECTIVES = {cls.kind: cls for cls in (Objective, CondConvObjective, BatchShapingObjective, DeepMoEObjective)}
@@ -176,23 +148,3 @@ def make_objective(kind: str, model: nn.Module, args, process_group=None) -> Obj
     if kind not in OBJECTIVES:
         raise ValueError(f"make_objective: kind must be one of {tuple(OBJECTIVES)}, got {kind!r}")
     return OBJECTIVES[kind](model, args, process_group)
-
-
-def gate_modules(model: nn.Module) -> list:
-    """The gating modules of a gated network: modules whose class name says they compute gates
-    (``...Gate``, ``...Gating``, ``...GateModule``), not the gated convolutions themselves."""
-    found = []
-    for m in model.modules():
-        name = type(m).__name__
-        if name.endswith(("Gate", "Gating", "GateModule", "Gates")) and not any(m in f.modules() for f in found):
-            found.append(m)
-    return found
-
-
-def conditional_macs(model: nn.Module, images: Tensor) -> Optional[float]:
-    """Mean multiply-adds per example of ``model`` on ``images`` given each example's own gates,
-    from ``condkernels.utils`` when it offers such a count; None otherwise."""
-    count = _find(("count_conditional_macs", "conditional_macs", "count_macs_conditional"), ("condkernels.utils",))
-    if count is None:
-        return None
-    return float(count(model, images))
