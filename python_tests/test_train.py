@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import condkernels
 from condkernels.train import GlobalBatchNorm, lr_factor, model_kind, resolve
+from condkernels.train.sync_bn import convert_sync_batchnorm
 from condkernels.train.data import augmentation, random_crop_flip, synthetic
 from condkernels.train.loop import main
 
@@ -227,6 +228,46 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     # (later steps drift further apart: see docs/training.md)
     for k, v in s1["model"].items():
         torch.testing.assert_close(s2["model"][k], v, rtol=1e-3, atol=5e-4, msg=k)
+
+
+def _float64_gradient_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = convert_sync_batchnorm(_float64_resnet20())
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x, y = _float64_batch()
+        half = slice(rank * 8, (rank + 1) * 8)
+        F.cross_entropy(ddp(x[half]), y[half]).backward()
+        results[rank] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _float64_resnet20():
+    torch.manual_seed(0)
+    return condkernels.models.resnet20().double().train()
+
+
+def _float64_batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(16, 3, 16, 16, dtype=torch.float64, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+
+def test_two_processes_give_the_single_process_gradient_in_float64():
+    """DDP + BatchNorm over the global batch is the single-process gradient exactly; in float32 the
+    runs drift apart over steps only through rounding (small-batch BatchNorm amplifies it)."""
+    model = _float64_resnet20()
+    x, y = _float64_batch()
+    F.cross_entropy(model(x), y).backward()
+    results = mp.Manager().dict()
+    mp.spawn(_float64_gradient_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    converted = convert_sync_batchnorm(_float64_resnet20())
+    assert all(p.dtype == torch.float64 for p in converted.parameters())
+    for rank in range(WORLD):
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(results[rank][k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
 
 
 # --- pieces ----------------------------------------------------------------------------------------

@@ -64,10 +64,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, (nn.SyncBatchNorm, GlobalBatchNorm)):
         ref = module.weight if module.affine else module.running_mean
         cls = nn.SyncBatchNorm if ref is not None and ref.device.type == "cuda" else GlobalBatchNorm
+        factory = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         new = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats, process_group)
+                  module.track_running_stats, process_group, **factory)
         new.load_state_dict(module.state_dict())
-        new.to(device=ref.device if ref is not None else None)
         new.train(module.training)
         return new
     for name, child in module.named_children():
