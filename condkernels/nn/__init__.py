@@ -1,4 +1,5 @@
-"""Modules: CondConv layers, their routers, gated convolutions, and the building blocks of the networks."""
+"""Modules: CondConv layers and their routers, gated convolutions and their gates (batch-shaping,
+DeepMoE), the gate-loss collectors, and the building blocks of the networks."""
 
 from .blocks import ConvNormAct, make_conv
 from .condconv import CondConv2d, RoutedModule, RoutedSequential, Router, call_layer, routed_step
@@ -7,8 +8,7 @@ from .gated import ChannelGate, GatedConv2d
 from .losses import GateLosses
 
 __all__ = [
-    "CondConv2d", "ConvNormAct", "GatedConv2d", "RoutedModule", "RoutedSequential", "Router", "call_layer", "make_conv",
-    "routed_step",
+    "ChannelGate", "CondConv2d", "ConvNormAct", "DeepMoELosses", "GateHead", "GateLosses", "GatedConv2d",
+    "RoutedModule", "RoutedSequential", "Router", "ShallowEmbedding", "call_layer", "freeze_gates", "gate_heads",
+    "make_conv", "routed_step",
 ]
-__all__ += ["DeepMoELosses", "GateHead", "ShallowEmbedding", "freeze_gates", "gate_heads"]
-__all__ += ["ChannelGate", "GateLosses"]
