@@ -157,7 +157,7 @@ struct ColumnSorter {
 // batch row to grad_out[i * stride] / index_out[i * stride], returns their unscaled sum of squared
 // residuals. `table`, when given, replaces the beta prior's continued fraction.
 template <typename scalar_t>
-double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* table, double lbeta,
+double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* table,
                        const double* sorted, const int32_t* order, int64_t begin, int64_t end,
                        scalar_t* grad_out, int64_t* index_out, int64_t stride) {
   const int64_t n = args.batch;
@@ -174,7 +174,7 @@ double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* tab
     switch (args.prior) {
       case Prior::kBeta:
         if (table) {
-          cpu::beta_cdf_pdf_many(xs, len, *table, lbeta, cdf, pdf);
+          cpu::beta_cdf_pdf_many(xs, len, *table, cdf, pdf);
         } else {
           cpu::beta_cdf_pdf_many(xs, len, args.prior_a, args.prior_b, tol, cdf, pdf);
         }
@@ -226,7 +226,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
     const auto table = args.prior == Prior::kBeta && n * g >= cpu::kTableMinValues
                            ? cpu::beta_cf_table(args.prior_a, args.prior_b, cpu::table_accuracy<scalar_t>())
                            : nullptr;
-    const double lbeta = table ? beta_math::log_beta(args.prior_a, args.prior_b) : 0.0;
     if (!split_columns) {
       // Tiles of kTile neighbouring columns per step: rows of the tile are read and written as
       // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
@@ -245,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
           sorter.sort(tile.data(), n, width);
           for (int64_t c = 0; c < width; ++c) {
             for (int64_t i = 0; i < n; ++i) sorted[i] = sorter.value(c, i);
-            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), lbeta, sorted.data(),
+            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(),
                                                             sorter.row(c), 0, n, tile_grad.data() + c,
                                                             tile_index.data() + c, width);
           }
@@ -270,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
-            partial[blk] = evaluate_sorted<scalar_t>(args, table.get(), lbeta, sorted.data(), order,
+            partial[blk] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(), order,
                                                      lo, hi, grad + j, index + j, g);
           }
         });

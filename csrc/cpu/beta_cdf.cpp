@@ -38,14 +38,13 @@ at::Tensor beta_cdf_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tens
       const auto table = xc.numel() >= cpu::kTableMinValues
                              ? cpu::beta_cf_table(av, bv, cpu::table_accuracy<scalar_t>())
                              : nullptr;
-      const double lbeta = table ? beta_math::log_beta(av, bv) : 0.0;
       at::parallel_for(0, xc.numel(), kGrain, [&](int64_t begin, int64_t end) {
         double xin[kChunk], cdf[kChunk];
         for (int64_t i = begin; i < end; i += kChunk) {
           const int64_t n = std::min(kChunk, end - i);
           for (int64_t k = 0; k < n; ++k) xin[k] = static_cast<double>(xp[i + k]);
           if (table) {
-            cpu::beta_cdf_pdf_many(xin, n, *table, lbeta, cdf, nullptr);
+            cpu::beta_cdf_pdf_many(xin, n, *table, cdf, nullptr);
           } else {
             cpu::beta_cdf_pdf_many(xin, n, av, bv, tol, cdf, nullptr);
           }

@@ -196,70 +196,75 @@ inline void beta_cdf_pdf_many(const double* x, int64_t n, double a, double b, do
   beta_cdf_pdf_many_baseline(x, n, a, b, tol, cdf, pdf);
 }
 
-// The same outputs through a BetaCfTable: the continued fraction replaced by one polynomial per
-// value, the prefactor and the end-point conventions as above. The density comes from the prefactor,
-// x^(a-1) (1-x)^(b-1) / B = front / (x (1-x)), saving an exp.
+// The same outputs through a BetaCfTable (cpu/beta_cdf_table.h): tail = t^p H(t) and
+// density = t^p Q(t) / t, one log and one exp per value; the end-point conventions as above.
 template <typename Math>
 __attribute__((always_inline)) inline void beta_cdf_pdf_table_body(const double* x, int64_t n,
                                                                    const BetaCfTable& tab,
-                                                                   double lbeta, double* cdf,
-                                                                   double* pdf) {
+                                                                   double* cdf, double* pdf) {
   using namespace beta_math;
   constexpr int kC = BetaCfTable::kCoefs;
   const double a = tab.a, b = tab.b, s = tab.switch_point;
   const double top = tab.pieces - 1;
   const double* coef = tab.coef.data();
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int len = n - i0 < kBlock ? static_cast<int>(n - i0) : kBlock;
-    for (int k = 0; k < kGroups && k * kLanes < len; ++k) {
-      const int base = k * kLanes;
-      LaneVec xin;
-      for (int l = 0; l < kLanes; ++l) xin[l] = base + l < len ? x[i0 + base + l] : 0.5;
-      const LaneMask inside = (xin > 0.0) & (xin < 1.0);  // false for NaN
-      const LaneVec xc = inside ? xin : 0.5 + LaneVec{};
-      const LaneVec omx = 1.0 - xc;
-      const LaneVec log_front = a * Math::log(xc) + b * Math::log(omx) - lbeta;
-      const LaneMask flip = xc > s;
-      const LaneVec t = flip ? omx : xc;
-      const LaneVec pos = t * (flip ? tab.scale[1] + LaneVec{} : tab.scale[0] + LaneVec{});
-      LaneVec piece;
-      int64_t idx[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const double p = pos[l] < top ? std::floor(pos[l]) : top;  // t <= the range's end
-        piece[l] = p;
-        idx[l] = (static_cast<int64_t>(p) + (flip[l] ? tab.pieces : 0)) * kC;
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const int len = n - i0 < kLanes ? static_cast<int>(n - i0) : kLanes;
+    LaneVec xin;
+    for (int l = 0; l < kLanes; ++l) xin[l] = l < len ? x[i0 + l] : 0.5;
+    const LaneMask inside = (xin > 0.0) & (xin < 1.0);  // false for NaN
+    const LaneVec xc = inside ? xin : 0.5 + LaneVec{};
+    const LaneMask flip = xc > s;
+    // 1 - xc is exact for xc >= 0.5 and off by <= 1.1e-16 absolute below (where it is > 0.5).
+    const LaneVec t = flip ? 1.0 - xc : xc;
+    const LaneVec p = flip ? b + LaneVec{} : a + LaneVec{};
+    const LaneVec pos = t * (flip ? tab.scale[1] + LaneVec{} : tab.scale[0] + LaneVec{});
+    LaneVec piece;
+    int64_t idx[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const double k = pos[l] < top ? std::floor(pos[l]) : top;  // t <= the range's end
+      piece[l] = k;
+      idx[l] = (static_cast<int64_t>(k) + (flip[l] ? tab.pieces : 0)) * 2 * kC;
+    }
+    const LaneVec u = 2.0 * (pos - piece) - 1.0;
+    LaneVec h, q = LaneVec{};
+    if (idx[0] == idx[1] && idx[0] == idx[2] && idx[0] == idx[3]) {
+      // One piece for all lanes -- the rule for sorted input (the loss): broadcast coefficients.
+      const double* c = coef + idx[0];
+      h = c[kC - 1] + LaneVec{};
+      for (int j = kC - 2; j >= 0; --j) h = h * u + c[j];
+      if (pdf) {
+        q = c[2 * kC - 1] + LaneVec{};
+        for (int j = 2 * kC - 2; j >= kC; --j) q = q * u + c[j];
       }
-      const LaneVec u = 2.0 * (pos - piece) - 1.0;
-      LaneVec cf;
-      if (idx[0] == idx[1] && idx[0] == idx[2] && idx[0] == idx[3]) {
-        // One piece for all lanes -- the rule for sorted input (the loss): broadcast coefficients.
-        const double* c = coef + idx[0];
-        cf = c[kC - 1] + LaneVec{};
-        for (int j = kC - 2; j >= 0; --j) cf = cf * u + c[j];
-      } else {
-        for (int l = 0; l < kLanes; ++l) cf[l] = coef[idx[l] + kC - 1];
-        for (int j = kC - 2; j >= 0; --j) {
+    } else {
+      for (int l = 0; l < kLanes; ++l) h[l] = coef[idx[l] + kC - 1];
+      for (int j = kC - 2; j >= 0; --j) {
+        LaneVec cj;
+        for (int l = 0; l < kLanes; ++l) cj[l] = coef[idx[l] + j];
+        h = h * u + cj;
+      }
+      if (pdf) {
+        for (int l = 0; l < kLanes; ++l) q[l] = coef[idx[l] + 2 * kC - 1];
+        for (int j = 2 * kC - 2; j >= kC; --j) {
           LaneVec cj;
           for (int l = 0; l < kLanes; ++l) cj[l] = coef[idx[l] + j];
-          cf = cf * u + cj;
+          q = q * u + cj;
         }
       }
-      const LaneVec front = Math::exp(log_front);
-      const LaneVec as = flip ? b + LaneVec{} : a + LaneVec{};
-      const LaneVec tail = front * cf / as;
-      const LaneVec out_cdf = flip ? 1.0 - tail : tail;
-      LaneVec out_pdf{};
-      if (pdf) out_pdf = front / (xc * omx);
-      for (int l = 0; l < kLanes && base + l < len; ++l) {
-        const int64_t j = i0 + base + l;
-        if (inside[l]) {
-          cdf[j] = out_cdf[l];
-          if (pdf) pdf[j] = out_pdf[l];
-        } else {
-          const CdfPdf f = beta_cdf_pdf(x[j], a, b, lbeta, 1e-15);
-          cdf[j] = f.cdf;
-          if (pdf) pdf[j] = f.pdf;
-        }
+    }
+    const LaneVec power = Math::exp(p * Math::log(t));  // t^p
+    const LaneVec tail = power * h;
+    const LaneVec out_cdf = flip ? 1.0 - tail : tail;
+    LaneVec out_pdf{};
+    if (pdf) out_pdf = power * q / t;
+    for (int l = 0; l < len; ++l) {
+      if (inside[l]) {
+        cdf[i0 + l] = out_cdf[l];
+        if (pdf) pdf[i0 + l] = out_pdf[l];
+      } else {  // 0, 1, outside, NaN: the scalar conventions of the header
+        const CdfPdf f = beta_cdf_pdf(x[i0 + l], a, b, tab.lbeta, 1e-15);
+        cdf[i0 + l] = f.cdf;
+        if (pdf) pdf[i0 + l] = f.pdf;
       }
     }
   }
@@ -267,24 +272,24 @@ __attribute__((always_inline)) inline void beta_cdf_pdf_table_body(const double*
 
 #ifdef CONDKERNELS_X86_DISPATCH
 __attribute__((target("avx2,fma"))) inline void beta_cdf_pdf_table_avx2(
-    const double* x, int64_t n, const BetaCfTable& tab, double lbeta, double* cdf, double* pdf) {
-  beta_cdf_pdf_table_body<Avx2LaneMath>(x, n, tab, lbeta, cdf, pdf);
+    const double* x, int64_t n, const BetaCfTable& tab, double* cdf, double* pdf) {
+  beta_cdf_pdf_table_body<Avx2LaneMath>(x, n, tab, cdf, pdf);
 }
 #endif
 
 inline void beta_cdf_pdf_table_baseline(const double* x, int64_t n, const BetaCfTable& tab,
-                                        double lbeta, double* cdf, double* pdf) {
-  beta_cdf_pdf_table_body<ScalarLaneMath>(x, n, tab, lbeta, cdf, pdf);
+                                        double* cdf, double* pdf) {
+  beta_cdf_pdf_table_body<ScalarLaneMath>(x, n, tab, cdf, pdf);
 }
 
-// beta_cdf_pdf_many for tab.a, tab.b through the table; lbeta = log B(tab.a, tab.b).
-inline void beta_cdf_pdf_many(const double* x, int64_t n, const BetaCfTable& tab, double lbeta,
-                              double* cdf, double* pdf) {
+// beta_cdf_pdf_many for tab.a, tab.b through the table.
+inline void beta_cdf_pdf_many(const double* x, int64_t n, const BetaCfTable& tab, double* cdf,
+                              double* pdf) {
 #ifdef CONDKERNELS_X86_DISPATCH
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2) return beta_cdf_pdf_table_avx2(x, n, tab, lbeta, cdf, pdf);
+  if (has_avx2) return beta_cdf_pdf_table_avx2(x, n, tab, cdf, pdf);
 #endif
-  beta_cdf_pdf_table_baseline(x, n, tab, lbeta, cdf, pdf);
+  beta_cdf_pdf_table_baseline(x, n, tab, cdf, pdf);
 }
 
 // Accuracy asked of a table, relative to the continued fraction, per output dtype (see

@@ -1,19 +1,23 @@
-// Per-(a, b) piecewise-polynomial stand-in for the continued fraction of I_x(a, b), for calls that
+// Per-(a, b) piecewise-polynomial tables of I_x(a, b) and the Beta(a, b) density, for calls that
 // evaluate many values with one (a, b).
 //
-// I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * cf(x; a, b), and cf -- the value of the continued fraction,
-// the hypergeometric 2F1(a+b, 1; a+1; x) -- is analytic on the whole evaluation range [0, s]
-// (s = (a+1)/(a+b+2), the flip point; its only singularity is at x = 1): the x^a and (1-x)^b end-point
-// behaviour stays in the prefactor, and cf is smooth enough for short polynomials. Both orientations
-// get a table: (a, b) on [0, s] and (b, a) on [0, 1-s]. Each is cut into equal pieces, and on each piece
-// cf is interpolated at the Chebyshev nodes of degree kDegree (values from the exact continued
-// fraction), stored as monomial coefficients in the piece's local variable u in [-1, 1].
+// With t = x below the flip point s = (a+1)/(a+b+2) (orientation (a, b)) and t = 1 - x above it
+// (orientation (b, a), the result then 1 - tail), writing (p, q) for the orientation's shapes:
+//   tail    = t^p H(t),        H(t) = (1-t)^q cf(t; p, q) / (p B(a, b))
+//   density = t^(p-1) Q(t),    Q(t) = (1-t)^(q-1) / B(a, b)
+// where cf, the value of the continued fraction (the hypergeometric 2F1(p+q, 1; p+1; t)), is
+// analytic on the whole range [0, s] or [0, 1-s]: its only singularity is at t = 1. The end-point
+// behaviour t^p stays outside the tables, H and Q are smooth, and each value costs one log, one exp
+// (t^p) and two short polynomials instead of a continued fraction, log x, log(1-x) and exps.
+// Each range is cut into equal pieces; on each piece H and Q are interpolated at the Chebyshev nodes
+// of degree kDegree (H from the exact continued fraction) and stored as monomial coefficients in the
+// piece's local variable u in [-1, 1].
 //
-// A table is accepted only once it matches the exact continued fraction at the points between its
-// nodes and at the piece ends to a relative `accuracy`; the number of pieces doubles until it does,
-// and a pair (a, b) that needs more than kMaxPieces per side keeps the exact continued fraction.
-// Building one costs a few hundred to a few thousand scalar continued fractions, so tables are
-// cached per (a, b, accuracy): the loss is called every step with the same prior.
+// A table is accepted only once it matches the exact formulas at the points between its nodes and
+// at the piece ends to a relative `accuracy`; the number of pieces doubles until it does, and a pair
+// (a, b) that needs more than kMaxPieces per side keeps the exact continued fraction. Building one
+// costs a few hundred to a few thousand scalar continued fractions, so tables are cached per
+// (a, b, accuracy): the loss is called every step with the same prior.
 #pragma once
 
 #include <cmath>
@@ -32,21 +36,22 @@ struct BetaCfTable {
   static constexpr int kCoefs = kDegree + 1;
   static constexpr int kMaxPieces = 256;
 
-  double a = 0.0, b = 0.0, accuracy = 0.0;
+  double a = 0.0, b = 0.0, accuracy = 0.0, lbeta = 0.0;
   double switch_point = 0.0;
   int pieces = 0;                // per side
   double scale[2] = {0.0, 0.0};  // pieces / (length of the side's range)
-  // Side 0 ((a, b), t = x) then side 1 ((b, a), t = 1 - x); piece k of side s at (s * pieces + k).
+  // Side 0 ((a, b), t = x) then side 1 ((b, a), t = 1 - x); piece k of side s at
+  // (s * pieces + k) * 2 * kCoefs: the kCoefs coefficients of H, then those of Q.
   std::vector<double> coef;
   bool usable = false;
 
-  // cf at t for the side (0: t = x <= s, 1: t = 1 - x < 1 - s).
-  double eval(int side, double t) const {
+  // H (which = 0) or Q (which = 1) at t for the side.
+  double eval(int side, int which, double t) const {
     const double pos = t * scale[side];
     int k = static_cast<int>(pos);
     k = k < 0 ? 0 : (k >= pieces ? pieces - 1 : k);
     const double u = 2.0 * (pos - k) - 1.0;
-    const double* c = coef.data() + (side * pieces + k) * kCoefs;
+    const double* c = coef.data() + ((side * pieces + k) * 2 + which) * kCoefs;
     double r = c[kDegree];
     for (int j = kDegree - 1; j >= 0; --j) r = std::fma(r, u, c[j]);
     return r;
@@ -55,19 +60,21 @@ struct BetaCfTable {
 
 namespace table_detail {
 
-// The exact continued fraction for one side, to float64 accuracy.
-inline double exact_cf(int side, double t, double a, double b) {
-  return side == 0 ? beta_math::beta_continued_fraction(t, a, b, 1e-15)
-                   : beta_math::beta_continued_fraction(t, b, a, 1e-15);
+// H (which = 0) or Q (which = 1) of one side from the exact formulas, to float64 accuracy.
+inline double exact(const BetaCfTable& tab, int side, int which, double t) {
+  const double p = side == 0 ? tab.a : tab.b, q = side == 0 ? tab.b : tab.a;
+  const double log_1mt = std::log1p(-t);
+  if (which == 1) return std::exp((q - 1.0) * log_1mt - tab.lbeta);
+  return std::exp(q * log_1mt - tab.lbeta) * beta_math::beta_continued_fraction(t, p, q, 1e-15) / p;
 }
 
-// Fills the coefficients of one piece on [lo, hi] of `side`.
-inline void fit_piece(int side, double lo, double hi, double a, double b, double* out) {
+// Fills the coefficients of H or Q on the piece [lo, hi] of `side`.
+inline void fit_piece(const BetaCfTable& tab, int side, int which, double lo, double hi, double* out) {
   constexpr int n = BetaCfTable::kCoefs;
   double f[n], cheb[n];
   for (int j = 0; j < n; ++j) {
     const double node = std::cos(M_PI * (j + 0.5) / n);
-    f[j] = exact_cf(side, lo + 0.5 * (node + 1.0) * (hi - lo), a, b);
+    f[j] = exact(tab, side, which, lo + 0.5 * (node + 1.0) * (hi - lo));
   }
   for (int m = 0; m < n; ++m) {
     double s = 0.0;
@@ -94,12 +101,13 @@ inline bool build(BetaCfTable& tab, int pieces) {
   constexpr int n = BetaCfTable::kCoefs;
   const double length[2] = {tab.switch_point, 1.0 - tab.switch_point};
   tab.pieces = pieces;
-  tab.coef.assign(static_cast<size_t>(2 * pieces * n), 0.0);
+  tab.coef.assign(static_cast<size_t>(2 * pieces * 2 * n), 0.0);
   for (int side = 0; side < 2; ++side) {
     tab.scale[side] = pieces / length[side];
     for (int k = 0; k < pieces; ++k) {
       const double lo = length[side] * k / pieces, hi = length[side] * (k + 1) / pieces;
-      fit_piece(side, lo, hi, tab.a, tab.b, tab.coef.data() + (side * pieces + k) * n);
+      for (int which = 0; which < 2; ++which)
+        fit_piece(tab, side, which, lo, hi, tab.coef.data() + ((side * pieces + k) * 2 + which) * n);
     }
   }
   // Check between the nodes (Chebyshev extrema, ends included), where interpolation errs most.
@@ -109,9 +117,11 @@ inline bool build(BetaCfTable& tab, int pieces) {
         const double u = std::cos(M_PI * j / n);
         double t = length[side] * (k + 0.5 * (u + 1.0)) / pieces;
         if (side == 1 && t >= length[side]) t = std::nextafter(length[side], 0.0);
-        const double want = exact_cf(side, t, tab.a, tab.b);
-        const double got = tab.eval(side, t);
-        if (!(std::fabs(got - want) <= tab.accuracy * std::fabs(want))) return false;
+        for (int which = 0; which < 2; ++which) {
+          const double want = exact(tab, side, which, t);
+          const double got = tab.eval(side, which, t);
+          if (!(std::fabs(got - want) <= tab.accuracy * std::fabs(want))) return false;
+        }
       }
     }
   }
@@ -134,6 +144,7 @@ inline std::shared_ptr<const BetaCfTable> beta_cf_table(double a, double b, doub
   tab->a = a;
   tab->b = b;
   tab->accuracy = accuracy;
+  tab->lbeta = beta_math::log_beta(a, b);
   tab->switch_point = (a + 1.0) / (a + b + 2.0);
   for (int pieces = 2; pieces <= BetaCfTable::kMaxPieces && !tab->usable; pieces *= 2)
     tab->usable = table_detail::build(*tab, pieces);
