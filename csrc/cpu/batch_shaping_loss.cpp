@@ -78,6 +78,48 @@ void radix_sort_columns(int64_t n, Key** keys, int32_t** rows, Key** key_tmp, in
   }
 }
 
+// The same for 32-bit keys, packed with their rows as (key << 32 | row): a pass moves one word per
+// value instead of two.
+template <int K>
+void radix_sort_packed(int64_t n, uint64_t** items, uint64_t** item_tmp, std::vector<int64_t>& count_buf) {
+  if (n <= 1) return;
+  count_buf.assign(static_cast<size_t>(K) * 4 * 256, 0);
+  int64_t* count = count_buf.data();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int c = 0; c < K; ++c) {
+      const uint32_t k = static_cast<uint32_t>(items[c][i] >> 32);
+      int64_t* cc = count + c * 4 * 256;
+      ++cc[k & 0xFF];
+      ++cc[256 + ((k >> 8) & 0xFF)];
+      ++cc[512 + ((k >> 16) & 0xFF)];
+      ++cc[768 + (k >> 24)];
+    }
+  }
+  for (int byte = 0; byte < 4; ++byte) {
+    const int shift = 32 + 8 * byte;
+    bool constant = true;
+    for (int c = 0; c < K; ++c) constant &= count[(c * 4 + byte) * 256 + ((items[c][0] >> shift) & 0xFF)] == n;
+    if (constant) continue;
+    int64_t* cnt[K];
+    for (int c = 0; c < K; ++c) {
+      cnt[c] = count + (c * 4 + byte) * 256;
+      int64_t sum = 0;
+      for (int d = 0; d < 256; ++d) {
+        const int64_t v = cnt[c][d];
+        cnt[c][d] = sum;
+        sum += v;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int c = 0; c < K; ++c) {
+        const uint64_t item = items[c][i];
+        item_tmp[c][cnt[c][(item >> shift) & 0xFF]++] = item;
+      }
+    }
+    for (int c = 0; c < K; ++c) std::swap(items[c], item_tmp[c]);
+  }
+}
+
 // Inverse of order_key (NaN keys give a NaN, -0 gives +0).
 inline float key_value(uint32_t k) {
   const uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
@@ -98,57 +140,79 @@ inline double key_value(uint64_t k) {
 // from the sorted keys, so no value is gathered through the permutation.
 template <typename scalar_t>
 struct ColumnSorter {
-  using Key = std::conditional_t<(sizeof(scalar_t) > 4), uint64_t, uint32_t>;
+  static constexpr bool kPacked = sizeof(scalar_t) <= 4;  // 32-bit keys: packed with the rows
+  using Key = std::conditional_t<kPacked, uint32_t, uint64_t>;
+  using Item = std::conditional_t<kPacked, uint64_t, Key>;
   static constexpr int kGroup = 4;  // columns sorted together
-  std::vector<Key> key_buf, key_tmp_buf;
-  std::vector<int32_t> row_buf, row_tmp_buf;
+  std::vector<Item> item_buf, item_tmp_buf;
+  std::vector<int32_t> row_buf, row_tmp_buf;  // unpacked keys only
   std::vector<int64_t> count_buf;
-  const Key* sorted_keys[kTile];
+  const Item* sorted_items[kTile];
   const int32_t* sorted_rows[kTile];
 
   static Key key_of(scalar_t v) {
-    if constexpr (sizeof(scalar_t) > 4) {
-      return order_key(static_cast<double>(v));
-    } else {
+    if constexpr (kPacked) {
       return order_key(static_cast<float>(v));
+    } else {
+      return order_key(static_cast<double>(v));
     }
   }
 
-  // Sorts the `width` (<= kTile) columns of the row-major (n, width) block x; afterwards column c's
-  // values ascending are value(c, 0..n) and their batch rows row(c)[0..n).
+  // Sorts the `width` (<= kTile) columns of the row-major (n, width) block x.
   void sort(const scalar_t* x, int64_t n, int64_t width) {
-    key_buf.resize(n * width);
-    key_tmp_buf.resize(n * width);
-    row_buf.resize(n * width);
-    row_tmp_buf.resize(n * width);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < width; ++c) key_buf[c * n + i] = key_of(x[i * width + c]);
-    for (int64_t c = 0; c < width; ++c)
-      for (int64_t i = 0; i < n; ++i) row_buf[c * n + i] = static_cast<int32_t>(i);
+    item_buf.resize(n * width);
+    item_tmp_buf.resize(n * width);
+    if constexpr (kPacked) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < width; ++c)
+          item_buf[c * n + i] = (uint64_t{key_of(x[i * width + c])} << 32) | static_cast<uint32_t>(i);
+    } else {
+      row_buf.resize(n * width);
+      row_tmp_buf.resize(n * width);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < width; ++c) item_buf[c * n + i] = key_of(x[i * width + c]);
+      for (int64_t c = 0; c < width; ++c)
+        for (int64_t i = 0; i < n; ++i) row_buf[c * n + i] = static_cast<int32_t>(i);
+    }
     int64_t c0 = 0;
     for (; c0 + kGroup <= width; c0 += kGroup) sort_group<kGroup>(c0, n);
     for (; c0 < width; ++c0) sort_group<1>(c0, n);
   }
 
-  double value(int64_t c, int64_t i) const { return static_cast<double>(key_value(sorted_keys[c][i])); }
-  const int32_t* row(int64_t c) const { return sorted_rows[c]; }
+  // Column c's values ascending into sorted[0..n), their batch rows into order[0..n).
+  void column(int64_t c, int64_t n, double* sorted, int32_t* order) const {
+    const Item* items = sorted_items[c];
+    if constexpr (kPacked) {
+      for (int64_t i = 0; i < n; ++i) {
+        sorted[i] = static_cast<double>(key_value(static_cast<uint32_t>(items[i] >> 32)));
+        order[i] = static_cast<int32_t>(static_cast<uint32_t>(items[i]));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) sorted[i] = key_value(items[i]);
+      std::copy_n(sorted_rows[c], n, order);
+    }
+  }
 
  private:
   template <int K>
   void sort_group(int64_t c0, int64_t n) {
-    Key *keys[K], *key_tmp[K];
-    int32_t *rows[K], *row_tmp[K];
+    Item *items[K], *item_tmp[K];
     for (int c = 0; c < K; ++c) {
-      keys[c] = key_buf.data() + (c0 + c) * n;
-      key_tmp[c] = key_tmp_buf.data() + (c0 + c) * n;
-      rows[c] = row_buf.data() + (c0 + c) * n;
-      row_tmp[c] = row_tmp_buf.data() + (c0 + c) * n;
+      items[c] = item_buf.data() + (c0 + c) * n;
+      item_tmp[c] = item_tmp_buf.data() + (c0 + c) * n;
     }
-    radix_sort_columns<K>(n, keys, rows, key_tmp, row_tmp, count_buf);
-    for (int c = 0; c < K; ++c) {
-      sorted_keys[c0 + c] = keys[c];
-      sorted_rows[c0 + c] = rows[c];
+    if constexpr (kPacked) {
+      radix_sort_packed<K>(n, items, item_tmp, count_buf);
+    } else {
+      int32_t *rows[K], *row_tmp[K];
+      for (int c = 0; c < K; ++c) {
+        rows[c] = row_buf.data() + (c0 + c) * n;
+        row_tmp[c] = row_tmp_buf.data() + (c0 + c) * n;
+      }
+      radix_sort_columns<K>(n, items, rows, item_tmp, row_tmp, count_buf);
+      for (int c = 0; c < K; ++c) sorted_rows[c0 + c] = rows[c];
     }
+    for (int c = 0; c < K; ++c) sorted_items[c0 + c] = items[c];
   }
 };
 
@@ -235,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> tile(n * kTile);
         std::vector<double> sorted(n);
+        std::vector<int32_t> order(n);
         std::vector<scalar_t> tile_grad(n * kTile);
         std::vector<int64_t> tile_index(n * kTile);
         ColumnSorter<scalar_t> sorter;
@@ -243,9 +308,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
           for (int64_t i = 0; i < n; ++i) std::copy_n(x + i * g + j0, width, tile.data() + i * width);
           sorter.sort(tile.data(), n, width);
           for (int64_t c = 0; c < width; ++c) {
-            for (int64_t i = 0; i < n; ++i) sorted[i] = sorter.value(c, i);
+            sorter.column(c, n, sorted.data(), order.data());
             column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(),
-                                                            sorter.row(c), 0, n, tile_grad.data() + c,
+                                                            order.data(), 0, n, tile_grad.data() + c,
                                                             tile_index.data() + c, width);
           }
           for (int64_t i = 0; i < n; ++i) {
@@ -258,12 +323,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
       std::vector<scalar_t> column(n);
       std::vector<double> sorted(n);
+      std::vector<int32_t> order_buf(n);
       ColumnSorter<scalar_t> sorter;
       for (int64_t j = 0; j < g; ++j) {
         for (int64_t i = 0; i < n; ++i) column[i] = x[i * g + j];
         sorter.sort(column.data(), n, 1);
-        for (int64_t i = 0; i < n; ++i) sorted[i] = sorter.value(0, i);
-        const int32_t* order = sorter.row(0);
+        sorter.column(0, n, sorted.data(), order_buf.data());
+        const int32_t* order = order_buf.data();
         const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
         std::vector<double> partial(blocks, 0.0);  // fixed blocks: the sum does not depend on threads
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
