@@ -142,6 +142,22 @@ def test_large_batch_path_matches_oracle():
     np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("alpha,beta", [(0.6, 0.4), (2.0, 5.0)])
+def test_many_gates_table_path_matches_oracle(dtype, alpha, beta):
+    # 64 x 512 gates: enough values for the CPU kernel's per-(a, b) table of the beta CDF
+    gates = gates_like(64, (512,), seed=9, dtype=dtype)
+    gates[0, :4] = torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-7], dtype=dtype)  # clamped ends
+    loss, grad = run(gates, "cpu", "cpu", alpha=alpha, beta=beta)
+    want_loss, want_grad = oracle(gates.double().numpy(), alpha=alpha, beta=beta)
+    if dtype == torch.float64:
+        assert loss.item() == pytest.approx(want_loss, rel=1e-11)
+        np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-9, atol=1e-16)
+    else:
+        assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+        np.testing.assert_allclose(grad.double().numpy(), want_grad, rtol=1e-4, atol=1e-9)
+
+
 def test_non_contiguous_gates():
     gates = gates_like(12, (5, 4), seed=9).transpose(1, 2)
     loss, grad = run(gates, "cpu", "cpu")

@@ -52,6 +52,24 @@ def test_matches_scipy_with_number_parameters(device, backend, dtype, a, b):
     assert err <= TOLERANCE[dtype], err
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("a,b", [(0.6, 0.4), (0.05, 0.05), (50.0, 50.0), (0.05, 50.0), (50.0, 0.05), (2.0, 5.0),
+                                 (0.5, 30.0), (7.3, 0.9)])
+def test_many_values_table_path_matches_scipy(dtype, a, b):
+    # 2^15 values with one (a, b): the CPU kernel replaces the continued fraction by a per-(a, b)
+    # polynomial table; it must keep the accuracy of the exact path, tails and both sides included
+    x, _, _ = random_points(1 << 15, seed=3)
+    x[:4] = [0.0, 1.0, (a + 1) / (a + b + 2), np.nextafter((a + 1) / (a + b + 2), 1)]  # ends, flip point
+    xt = torch.tensor(x, dtype=dtype)
+    got = condkernels.beta_cdf(xt, a, b, backend="cpu").double().numpy()
+    want = scipy.special.betainc(a, b, xt.double().numpy())
+    err = np.abs(got - want).max()
+    assert err <= {torch.float64: 1e-13, torch.float32: 2e-7}[dtype], err  # f32: the output's rounding
+    # and it agrees with the exact continued fraction of a small call, value for value
+    small = condkernels.beta_cdf(xt[:4096], a, b, backend="cpu").double().numpy()
+    assert np.abs(got[:4096] - small).max() <= {torch.float64: 1e-13, torch.float32: 1.2e-7}[dtype]
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_edges_and_nan(device, backend):
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0, float("nan"), float("-inf"), float("inf"), 0.5], dtype=torch.float64, device=device)

@@ -216,9 +216,12 @@ def register_variant(forward_op: str, backward_op: str) -> None:
     def setup_context(ctx, inputs, output):
         _, sorted_grad, sort_index = output
         ctx.mark_non_differentiable(sorted_grad, sort_index)
+        ctx.set_materialize_grads(False)  # no zero gradients for the two non-differentiable outputs
         ctx.save_for_backward(sorted_grad, sort_index)
 
     def backward_formula(ctx, grad_loss, _grad_sorted, _grad_index):
+        if grad_loss is None:  # not materialised (see setup_context): the loss got no gradient
+            return None, None, None, None, None, None, None, None
         sorted_grad, sort_index = ctx.saved_tensors
         grad = backward(grad_loss.to(sorted_grad.dtype), sorted_grad, sort_index)
         return grad, None, None, None, None, None, None, None

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -26,63 +27,203 @@ using beta_math::Prior;
 
 constexpr int64_t kChunk = 256;             // sorted positions evaluated per inner call
 constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
-constexpr int64_t kTile = 16;               // columns gathered together (one cache line of floats)
+constexpr int64_t kTile = 64;               // columns gathered together (a few cache lines per row)
 
-// Stable LSD radix sort of (key, row) pairs by key, one byte per pass; passes whose byte is the same
-// for every key are skipped (gate values share their top bytes). Stability keeps ties in batch order.
-template <typename Key>
-void radix_sort_rows(std::vector<Key>& keys, std::vector<int32_t>& rows, std::vector<Key>& key_tmp,
-                     std::vector<int32_t>& row_tmp) {
-  const int64_t n = static_cast<int64_t>(keys.size());
-  key_tmp.resize(n);
-  row_tmp.resize(n);
-  for (int shift = 0; shift < static_cast<int>(8 * sizeof(Key)); shift += 8) {
-    int64_t count[257] = {0};
-    for (int64_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xFF) + 1];
-    if (count[((keys[0] >> shift) & 0xFF) + 1] == n) continue;
-    for (int d = 0; d < 256; ++d) count[d + 1] += count[d];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t to = count[(keys[i] >> shift) & 0xFF]++;
-      key_tmp[to] = keys[i];
-      row_tmp[to] = rows[i];
+// Stable LSD radix sort of (key, row) pairs by key, one byte per pass, of K columns of n pairs at
+// once: the histogram and scatter loops of a single short column are chains of increments of the
+// same few counters (gate values share their top bytes), and interleaving independent columns lets
+// those chains overlap. The histograms of every byte come from one read of the keys; passes whose
+// byte is the same for every key of every column are skipped. Stability keeps ties in batch order.
+// On return keys[c] / rows[c] point at the sorted data (the input buffers or the scratch ones).
+template <int K, typename Key>
+void radix_sort_columns(int64_t n, Key** keys, int32_t** rows, Key** key_tmp, int32_t** row_tmp,
+                        std::vector<int64_t>& count_buf) {
+  constexpr int kBytes = static_cast<int>(sizeof(Key));
+  if (n <= 1) return;
+  count_buf.assign(static_cast<size_t>(K) * kBytes * 256, 0);
+  int64_t* count = count_buf.data();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int c = 0; c < K; ++c) {
+      const Key k = keys[c][i];
+      for (int byte = 0; byte < kBytes; ++byte) ++count[(c * kBytes + byte) * 256 + ((k >> (8 * byte)) & 0xFF)];
     }
-    keys.swap(key_tmp);
-    rows.swap(row_tmp);
+  }
+  for (int byte = 0; byte < kBytes; ++byte) {
+    const int shift = 8 * byte;
+    bool constant = true;
+    for (int c = 0; c < K; ++c) constant &= count[(c * kBytes + byte) * 256 + ((keys[c][0] >> shift) & 0xFF)] == n;
+    if (constant) continue;
+    int64_t* cnt[K];
+    for (int c = 0; c < K; ++c) {
+      cnt[c] = count + (c * kBytes + byte) * 256;
+      int64_t sum = 0;
+      for (int d = 0; d < 256; ++d) {
+        const int64_t v = cnt[c][d];
+        cnt[c][d] = sum;
+        sum += v;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int c = 0; c < K; ++c) {
+        const Key k = keys[c][i];
+        const int64_t to = cnt[c][(k >> shift) & 0xFF]++;
+        key_tmp[c][to] = k;
+        row_tmp[c][to] = rows[c][i];
+      }
+    }
+    for (int c = 0; c < K; ++c) {
+      std::swap(keys[c], key_tmp[c]);
+      std::swap(rows[c], row_tmp[c]);
+    }
   }
 }
 
-// Sorts values[0..n) ascending; ties keep batch order (the order of a stable sort), so every
-// backend and the reference agree on which tied value gets which target. Fills `order` with the
-// batch rows in sorted order.
+// The same for 32-bit keys, packed with their rows as (key << 32 | row): a pass moves one word per
+// value instead of two.
+template <int K>
+void radix_sort_packed(int64_t n, uint64_t** items, uint64_t** item_tmp, std::vector<int64_t>& count_buf) {
+  if (n <= 1) return;
+  count_buf.assign(static_cast<size_t>(K) * 4 * 256, 0);
+  int64_t* count = count_buf.data();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int c = 0; c < K; ++c) {
+      const uint32_t k = static_cast<uint32_t>(items[c][i] >> 32);
+      int64_t* cc = count + c * 4 * 256;
+      ++cc[k & 0xFF];
+      ++cc[256 + ((k >> 8) & 0xFF)];
+      ++cc[512 + ((k >> 16) & 0xFF)];
+      ++cc[768 + (k >> 24)];
+    }
+  }
+  for (int byte = 0; byte < 4; ++byte) {
+    const int shift = 32 + 8 * byte;
+    bool constant = true;
+    for (int c = 0; c < K; ++c) constant &= count[(c * 4 + byte) * 256 + ((items[c][0] >> shift) & 0xFF)] == n;
+    if (constant) continue;
+    int64_t* cnt[K];
+    for (int c = 0; c < K; ++c) {
+      cnt[c] = count + (c * 4 + byte) * 256;
+      int64_t sum = 0;
+      for (int d = 0; d < 256; ++d) {
+        const int64_t v = cnt[c][d];
+        cnt[c][d] = sum;
+        sum += v;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      for (int c = 0; c < K; ++c) {
+        const uint64_t item = items[c][i];
+        item_tmp[c][cnt[c][(item >> shift) & 0xFF]++] = item;
+      }
+    }
+    for (int c = 0; c < K; ++c) std::swap(items[c], item_tmp[c]);
+  }
+}
+
+// Inverse of order_key (NaN keys give a NaN, -0 gives +0).
+inline float key_value(uint32_t k) {
+  const uint32_t u = (k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline double key_value(uint64_t k) {
+  const uint64_t u = (k >> 63) ? (k & ~(uint64_t{1} << 63)) : ~k;
+  double v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// Sorts columns ascending; ties keep batch order (the order of a stable sort), so every backend
+// and the reference agree on which tied value gets which target. Values are sorted as their order
+// keys (floats for every dtype but double, which is exact for half and bfloat16) and read back
+// from the sorted keys, so no value is gathered through the permutation.
 template <typename scalar_t>
 struct ColumnSorter {
-  using Key = std::conditional_t<(sizeof(scalar_t) > 4), uint64_t, uint32_t>;
-  std::vector<Key> keys, key_tmp;
-  std::vector<int32_t> rows, row_tmp;
+  static constexpr bool kPacked = sizeof(scalar_t) <= 4;  // 32-bit keys: packed with the rows
+  using Key = std::conditional_t<kPacked, uint32_t, uint64_t>;
+  using Item = std::conditional_t<kPacked, uint64_t, Key>;
+  static constexpr int kGroup = 4;  // columns sorted together
+  std::vector<Item> item_buf, item_tmp_buf;
+  std::vector<int32_t> row_buf, row_tmp_buf;  // unpacked keys only
+  std::vector<int64_t> count_buf;
+  const Item* sorted_items[kTile];
+  const int32_t* sorted_rows[kTile];
 
-  void sort(const double* values, int64_t n, int32_t* order) {
-    keys.resize(n);
-    rows.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      if constexpr (sizeof(scalar_t) > 4) {
-        keys[i] = order_key(values[i]);
-      } else {
-        keys[i] = order_key(static_cast<float>(values[i]));
-      }
-      rows[i] = static_cast<int32_t>(i);
+  static Key key_of(scalar_t v) {
+    if constexpr (kPacked) {
+      return order_key(static_cast<float>(v));
+    } else {
+      return order_key(static_cast<double>(v));
     }
-    radix_sort_rows(keys, rows, key_tmp, row_tmp);
-    std::copy(rows.begin(), rows.end(), order);
+  }
+
+  // Sorts the `width` (<= kTile) columns of the row-major (n, width) block x.
+  void sort(const scalar_t* x, int64_t n, int64_t width) {
+    item_buf.resize(n * width);
+    item_tmp_buf.resize(n * width);
+    if constexpr (kPacked) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < width; ++c)
+          item_buf[c * n + i] = (uint64_t{key_of(x[i * width + c])} << 32) | static_cast<uint32_t>(i);
+    } else {
+      row_buf.resize(n * width);
+      row_tmp_buf.resize(n * width);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < width; ++c) item_buf[c * n + i] = key_of(x[i * width + c]);
+      for (int64_t c = 0; c < width; ++c)
+        for (int64_t i = 0; i < n; ++i) row_buf[c * n + i] = static_cast<int32_t>(i);
+    }
+    int64_t c0 = 0;
+    for (; c0 + kGroup <= width; c0 += kGroup) sort_group<kGroup>(c0, n);
+    for (; c0 < width; ++c0) sort_group<1>(c0, n);
+  }
+
+  // Column c's values ascending into sorted[0..n), their batch rows into order[0..n).
+  void column(int64_t c, int64_t n, double* sorted, int32_t* order) const {
+    const Item* items = sorted_items[c];
+    if constexpr (kPacked) {
+      for (int64_t i = 0; i < n; ++i) {
+        sorted[i] = static_cast<double>(key_value(static_cast<uint32_t>(items[i] >> 32)));
+        order[i] = static_cast<int32_t>(static_cast<uint32_t>(items[i]));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) sorted[i] = key_value(items[i]);
+      std::copy_n(sorted_rows[c], n, order);
+    }
+  }
+
+ private:
+  template <int K>
+  void sort_group(int64_t c0, int64_t n) {
+    Item *items[K], *item_tmp[K];
+    for (int c = 0; c < K; ++c) {
+      items[c] = item_buf.data() + (c0 + c) * n;
+      item_tmp[c] = item_tmp_buf.data() + (c0 + c) * n;
+    }
+    if constexpr (kPacked) {
+      radix_sort_packed<K>(n, items, item_tmp, count_buf);
+    } else {
+      int32_t *rows[K], *row_tmp[K];
+      for (int c = 0; c < K; ++c) {
+        rows[c] = row_buf.data() + (c0 + c) * n;
+        row_tmp[c] = row_tmp_buf.data() + (c0 + c) * n;
+      }
+      radix_sort_columns<K>(n, items, rows, item_tmp, row_tmp, count_buf);
+      for (int c = 0; c < K; ++c) sorted_rows[c0 + c] = rows[c];
+    }
+    for (int c = 0; c < K; ++c) sorted_items[c0 + c] = items[c];
   }
 };
 
-// Evaluates sorted positions [begin, end) of one column: writes their gradient (times the
-// reduction's scale) and batch row to grad_out[i * stride] / index_out[i * stride], returns their
-// unscaled sum of squared residuals.
+// Evaluates sorted positions [begin, end) of one column (`sorted` holds the column's values in
+// sorted order, `order` their batch rows): writes their gradient (times the reduction's scale) and
+// batch row to grad_out[i * stride] / index_out[i * stride], returns their unscaled sum of squared
+// residuals. `table`, when given, replaces the beta prior's continued fraction.
 template <typename scalar_t>
-double evaluate_sorted(const BatchShapingArgs& args, const double* values, const int32_t* order,
-                       int64_t begin, int64_t end, scalar_t* grad_out, int64_t* index_out,
-                       int64_t stride) {
+double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* table,
+                       const double* sorted, const int32_t* order, int64_t begin, int64_t end,
+                       scalar_t* grad_out, int64_t* index_out, int64_t stride) {
   const int64_t n = args.batch;
   const double scale = args.scale(), inv_np1 = 1.0 / static_cast<double>(n + 1);
   const double tol = beta_math::cf_tolerance<scalar_t>();
@@ -91,12 +232,16 @@ double evaluate_sorted(const BatchShapingArgs& args, const double* values, const
   for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
     const int64_t len = std::min(kChunk, end - i0);
     for (int64_t k = 0; k < len; ++k) {
-      const double v = values[order[i0 + k]];
+      const double v = sorted[i0 + k];
       xs[k] = args.clamps() ? beta_math::clamp_unit(v, args.eps) : v;
     }
     switch (args.prior) {
       case Prior::kBeta:
-        cpu::beta_cdf_pdf_many(xs, len, args.prior_a, args.prior_b, tol, cdf, pdf);
+        if (table) {
+          cpu::beta_cdf_pdf_many(xs, len, *table, cdf, pdf);
+        } else {
+          cpu::beta_cdf_pdf_many(xs, len, args.prior_a, args.prior_b, tol, cdf, pdf);
+        }
         break;
       case Prior::kGaussian:
         for (int64_t k = 0; k < len; ++k) {
@@ -141,6 +286,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
     scalar_t* grad = sorted_grad.mutable_data_ptr<scalar_t>();
     int64_t* index = sort_index.mutable_data_ptr<int64_t>();
     const bool split_columns = n >= kLargeBatch && g < 2 * at::get_num_threads();
+    // Many values: the beta prior's continued fraction through a per-(a, b) table.
+    const auto table = args.prior == Prior::kBeta && n * g >= cpu::kTableMinValues
+                           ? cpu::beta_cf_table(args.prior_a, args.prior_b, cpu::table_accuracy<scalar_t>())
+                           : nullptr;
     if (!split_columns) {
       // Tiles of kTile neighbouring columns per step: rows of the tile are read and written as
       // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
@@ -148,20 +297,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       const int64_t tiles = (g + kTile - 1) / kTile;
       const int64_t grain = std::max<int64_t>(1, 4096 / (n * kTile));
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-        std::vector<double> values(n * kTile);
+        std::vector<scalar_t> tile(n * kTile);
+        std::vector<double> sorted(n);
+        std::vector<int32_t> order(n);
         std::vector<scalar_t> tile_grad(n * kTile);
         std::vector<int64_t> tile_index(n * kTile);
-        std::vector<int32_t> order(n);
         ColumnSorter<scalar_t> sorter;
         for (int64_t t = begin; t < end; ++t) {
           const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t c = 0; c < width; ++c) values[c * n + i] = static_cast<double>(x[i * g + j0 + c]);
+          for (int64_t i = 0; i < n; ++i) std::copy_n(x + i * g + j0, width, tile.data() + i * width);
+          sorter.sort(tile.data(), n, width);
           for (int64_t c = 0; c < width; ++c) {
-            const double* column = values.data() + c * n;
-            sorter.sort(column, n, order.data());
-            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, column, order.data(), 0, n,
-                                                            tile_grad.data() + c, tile_index.data() + c, width);
+            sorter.column(c, n, sorted.data(), order.data());
+            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(),
+                                                            order.data(), 0, n, tile_grad.data() + c,
+                                                            tile_index.data() + c, width);
           }
           for (int64_t i = 0; i < n; ++i) {
             std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
@@ -171,19 +321,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       });
     } else {
       // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
-      std::vector<double> values(n);
-      std::vector<int32_t> order(n);
+      std::vector<scalar_t> column(n);
+      std::vector<double> sorted(n);
+      std::vector<int32_t> order_buf(n);
       ColumnSorter<scalar_t> sorter;
       for (int64_t j = 0; j < g; ++j) {
-        for (int64_t i = 0; i < n; ++i) values[i] = static_cast<double>(x[i * g + j]);
-        sorter.sort(values.data(), n, order.data());
+        for (int64_t i = 0; i < n; ++i) column[i] = x[i * g + j];
+        sorter.sort(column.data(), n, 1);
+        sorter.column(0, n, sorted.data(), order_buf.data());
+        const int32_t* order = order_buf.data();
         const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
         std::vector<double> partial(blocks, 0.0);  // fixed blocks: the sum does not depend on threads
         at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
-            partial[blk] = evaluate_sorted<scalar_t>(args, values.data(), order.data(), lo, hi, grad + j,
-                                                     index + j, g);
+            partial[blk] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(), order,
+                                                     lo, hi, grad + j, index + j, g);
           }
         });
         double s = 0.0;

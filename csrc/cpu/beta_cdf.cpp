@@ -34,12 +34,20 @@ at::Tensor beta_cdf_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tens
       const scalar_t* xp = xc.const_data_ptr<scalar_t>();
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
       const double tol = beta_math::cf_tolerance<scalar_t>();
+      // Many values: the continued fraction through a per-(a, b) table (cpu/beta_cdf_table.h).
+      const auto table = xc.numel() >= cpu::kTableMinValues
+                             ? cpu::beta_cf_table(av, bv, cpu::table_accuracy<scalar_t>())
+                             : nullptr;
       at::parallel_for(0, xc.numel(), kGrain, [&](int64_t begin, int64_t end) {
         double xin[kChunk], cdf[kChunk];
         for (int64_t i = begin; i < end; i += kChunk) {
           const int64_t n = std::min(kChunk, end - i);
           for (int64_t k = 0; k < n; ++k) xin[k] = static_cast<double>(xp[i + k]);
-          cpu::beta_cdf_pdf_many(xin, n, av, bv, tol, cdf, nullptr);
+          if (table) {
+            cpu::beta_cdf_pdf_many(xin, n, *table, cdf, nullptr);
+          } else {
+            cpu::beta_cdf_pdf_many(xin, n, av, bv, tol, cdf, nullptr);
+          }
           for (int64_t k = 0; k < n; ++k) yp[i + k] = static_cast<scalar_t>(cdf[k]);
         }
       });

@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "common/beta_cdf_math.h"
+#include "cpu/beta_cdf_table.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CONDKERNELS_X86_DISPATCH 1
@@ -194,6 +195,110 @@ inline void beta_cdf_pdf_many(const double* x, int64_t n, double a, double b, do
 #endif
   beta_cdf_pdf_many_baseline(x, n, a, b, tol, cdf, pdf);
 }
+
+// The same outputs through a BetaCfTable (cpu/beta_cdf_table.h): tail = t^p H(t) and
+// density = t^p Q(t) / t, one log and one exp per value; the end-point conventions as above.
+template <typename Math>
+__attribute__((always_inline)) inline void beta_cdf_pdf_table_body(const double* x, int64_t n,
+                                                                   const BetaCfTable& tab,
+                                                                   double* cdf, double* pdf) {
+  using namespace beta_math;
+  constexpr int kC = BetaCfTable::kCoefs;
+  const double a = tab.a, b = tab.b, s = tab.switch_point;
+  const double top = tab.pieces - 1;
+  const double* coef = tab.coef.data();
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const int len = n - i0 < kLanes ? static_cast<int>(n - i0) : kLanes;
+    LaneVec xin;
+    for (int l = 0; l < kLanes; ++l) xin[l] = l < len ? x[i0 + l] : 0.5;
+    const LaneMask inside = (xin > 0.0) & (xin < 1.0);  // false for NaN
+    const LaneVec xc = inside ? xin : 0.5 + LaneVec{};
+    const LaneMask flip = xc > s;
+    // 1 - xc is exact for xc >= 0.5 and off by <= 1.1e-16 absolute below (where it is > 0.5).
+    const LaneVec t = flip ? 1.0 - xc : xc;
+    const LaneVec p = flip ? b + LaneVec{} : a + LaneVec{};
+    const LaneVec pos = t * (flip ? tab.scale[1] + LaneVec{} : tab.scale[0] + LaneVec{});
+    LaneVec piece;
+    int64_t idx[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const double k = pos[l] < top ? std::floor(pos[l]) : top;  // t <= the range's end
+      piece[l] = k;
+      idx[l] = (static_cast<int64_t>(k) + (flip[l] ? tab.pieces : 0)) * 2 * kC;
+    }
+    const LaneVec u = 2.0 * (pos - piece) - 1.0;
+    LaneVec h, q = LaneVec{};
+    if (idx[0] == idx[1] && idx[0] == idx[2] && idx[0] == idx[3]) {
+      // One piece for all lanes -- the rule for sorted input (the loss): broadcast coefficients.
+      const double* c = coef + idx[0];
+      h = c[kC - 1] + LaneVec{};
+      for (int j = kC - 2; j >= 0; --j) h = h * u + c[j];
+      if (pdf) {
+        q = c[2 * kC - 1] + LaneVec{};
+        for (int j = 2 * kC - 2; j >= kC; --j) q = q * u + c[j];
+      }
+    } else {
+      for (int l = 0; l < kLanes; ++l) h[l] = coef[idx[l] + kC - 1];
+      for (int j = kC - 2; j >= 0; --j) {
+        LaneVec cj;
+        for (int l = 0; l < kLanes; ++l) cj[l] = coef[idx[l] + j];
+        h = h * u + cj;
+      }
+      if (pdf) {
+        for (int l = 0; l < kLanes; ++l) q[l] = coef[idx[l] + 2 * kC - 1];
+        for (int j = 2 * kC - 2; j >= kC; --j) {
+          LaneVec cj;
+          for (int l = 0; l < kLanes; ++l) cj[l] = coef[idx[l] + j];
+          q = q * u + cj;
+        }
+      }
+    }
+    const LaneVec power = Math::exp(p * Math::log(t));  // t^p
+    const LaneVec tail = power * h;
+    const LaneVec out_cdf = flip ? 1.0 - tail : tail;
+    LaneVec out_pdf{};
+    if (pdf) out_pdf = power * q / t;
+    for (int l = 0; l < len; ++l) {
+      if (inside[l]) {
+        cdf[i0 + l] = out_cdf[l];
+        if (pdf) pdf[i0 + l] = out_pdf[l];
+      } else {  // 0, 1, outside, NaN: the scalar conventions of the header
+        const CdfPdf f = beta_cdf_pdf(x[i0 + l], a, b, tab.lbeta, 1e-15);
+        cdf[i0 + l] = f.cdf;
+        if (pdf) pdf[i0 + l] = f.pdf;
+      }
+    }
+  }
+}
+
+#ifdef CONDKERNELS_X86_DISPATCH
+__attribute__((target("avx2,fma"))) inline void beta_cdf_pdf_table_avx2(
+    const double* x, int64_t n, const BetaCfTable& tab, double* cdf, double* pdf) {
+  beta_cdf_pdf_table_body<Avx2LaneMath>(x, n, tab, cdf, pdf);
+}
+#endif
+
+inline void beta_cdf_pdf_table_baseline(const double* x, int64_t n, const BetaCfTable& tab,
+                                        double* cdf, double* pdf) {
+  beta_cdf_pdf_table_body<ScalarLaneMath>(x, n, tab, cdf, pdf);
+}
+
+// beta_cdf_pdf_many for tab.a, tab.b through the table.
+inline void beta_cdf_pdf_many(const double* x, int64_t n, const BetaCfTable& tab, double* cdf,
+                              double* pdf) {
+#ifdef CONDKERNELS_X86_DISPATCH
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) return beta_cdf_pdf_table_avx2(x, n, tab, cdf, pdf);
+#endif
+  beta_cdf_pdf_table_baseline(x, n, tab, cdf, pdf);
+}
+
+// Accuracy asked of a table, relative to the continued fraction, per output dtype (see
+// cf_tolerance), and the number of values from which building one pays.
+template <typename scalar_t>
+constexpr double table_accuracy() {
+  return sizeof(scalar_t) >= 8 ? 1e-14 : 1e-9;
+}
+constexpr int64_t kTableMinValues = 1 << 14;
 
 }  // namespace cpu
 }  // namespace condkernels
