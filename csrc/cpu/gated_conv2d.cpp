@@ -57,6 +57,17 @@ double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
   return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
 }
 
+// Spatial kernels on planes of at most this many output pixels run as im2col + GEMM, not
+// through oneDNN (CONDKERNELS_GATED_GEMM_POSITIONS overrides it for measurements).
+int64_t gemm_max_positions() {
+  const char* env = std::getenv("CONDKERNELS_GATED_GEMM_POSITIONS");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : int64_t(0);
+}
+
+bool spatial_as_gemm(const ConvGeometry& g) {
+  return g.is_pointwise() || g.out_h * g.out_w <= gemm_max_positions();
+}
+
 // Open channels of one example, as indices local to their group, group after group.
 struct OpenChannels {
   std::vector<int64_t> index;
@@ -380,7 +391,7 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
     at::Tensor result = Workspace::matrix(ws.result, n_out, positions);
     if (n_out > 0 && n_in == 0) {
       result.zero_();
-    } else if (n_out > 0 && !g.is_pointwise()) {
+    } else if (n_out > 0 && !spatial_as_gemm(g)) {
       result = open_channel_conv<T>(x, b, weight, std::nullopt, in_gate_row, g, grp, in_list, n_in, out_list,
                                     n_out, ws)
                    .view({-1, positions});
@@ -491,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
   // One example, one group, no output gate: oneDNN's result, bias included, is y itself, with
   // no epilogue copy. (float/double only: half types would round before the bias, as the
   // epilogue does, not after it.)
-  const bool result_is_y = g.batch == 1 && g.groups == 1 && !g.is_pointwise() && !with_ungated && !out_gate &&
+  const bool result_is_y = g.batch == 1 && g.groups == 1 && !spatial_as_gemm(g) && !with_ungated && !out_gate &&
                            (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
   if (result_is_y) {
     at::Tensor y;
