@@ -57,15 +57,21 @@ double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
   return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
 }
 
-// Spatial kernels on planes of at most this many output pixels run as im2col + GEMM, not
-// through oneDNN (CONDKERNELS_GATED_GEMM_POSITIONS overrides it for measurements).
+// A single example's spatial kernel on planes of at most this many output pixels (7x7) runs as
+// im2col + one MKL GEMM, not through oneDNN: these layers are bound by reading the weights, and the
+// GEMM reads the gathered filters as they are, where oneDNN reorders them into its blocked layout
+// first. At batch 1, one thread, density 0.5, ResNet-34's 7x7 layers measured 0.45-0.62x of the
+// dense convolution this way against 0.53-0.67x through oneDNN (docs/gated_conv2d.md).
+// CONDKERNELS_GATED_GEMM_POSITIONS overrides the limit (0: always oneDNN) for measurements.
+constexpr int64_t kGemmMaxPositions = 64;
+
 int64_t gemm_max_positions() {
   const char* env = std::getenv("CONDKERNELS_GATED_GEMM_POSITIONS");
-  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : int64_t(0);
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kGemmMaxPositions;
 }
 
 bool spatial_as_gemm(const ConvGeometry& g) {
-  return g.is_pointwise() || g.out_h * g.out_w <= gemm_max_positions();
+  return g.is_pointwise() || (g.batch == 1 && g.out_h * g.out_w <= gemm_max_positions());
 }
 
 // Open channels of one example, as indices local to their group, group after group.
