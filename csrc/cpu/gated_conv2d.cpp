@@ -5,7 +5,8 @@
 // the example's open input planes and its open filters (in_gate folded into them) and runs one
 // oneDNN convolution on them (at::conv2d); a 1x1 kernel is one GEMM over the open channels. (An
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
-// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat.)
+// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
+// kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
