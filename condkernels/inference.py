@@ -5,6 +5,7 @@ Conversions are rules keyed by module type (``INFERENCE_RULES``, extended with
 fold BatchNorm into the convolution before it -- for a CondConv layer into every expert -- wherever a
 convolution is directly followed by a BatchNorm in an ``nn.Sequential``; networks whose blocks keep
 conv/BN pairs as named attributes register a rule naming the pairs (:func:`fold_batchnorm_pairs`).
+Max-pooling layers become :class:`ChannelsLastMaxPool2d` (same results, faster on the CPU).
 """
 
 from __future__ import annotations
@@ -114,3 +115,24 @@ def fold_batchnorm_pairs(module: nn.Module, pairs: Iterable[tuple[str, str]]) ->
         if _foldable(conv, bn):
             fold_batchnorm(conv, bn)
             setattr(module, bn_name, nn.Identity())
+
+
+class ChannelsLastMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools 4-d CPU inputs in the channels_last layout and returns the input's
+    layout. The values are the same (a max is exact); PyTorch's channels_last CPU kernel is
+    vectorised over channels, its NCHW one is not: 64x112x112 at batch 1, one thread, 1.3 ms
+    instead of 6.8 ms (ResNet's stem pool, ~8% of ResNet-34's latency)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.return_indices or x.dim() != 4 or x.device.type != "cpu":
+            return super().forward(x)
+        was_channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        y = super().forward(x.contiguous(memory_format=torch.channels_last))
+        return y if was_channels_last else y.contiguous()
+
+
+@register_inference_rule(nn.MaxPool2d)
+def channels_last_max_pool(pool: nn.MaxPool2d) -> None:
+    # The same module with the faster forward (no new state: the class is swapped in place).
+    if type(pool) is nn.MaxPool2d:
+        pool.__class__ = ChannelsLastMaxPool2d

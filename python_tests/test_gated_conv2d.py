@@ -316,6 +316,36 @@ def test_batch_sizes_zero_and_one_and_asymmetric_padding(dense_above, monkeypatc
     assert all(t.grad.shape == t.shape for t in leaves)
 
 
+GEMM_POSITIONS = "CONDKERNELS_GATED_GEMM_POSITIONS"
+
+
+@pytest.mark.parametrize("gemm_positions", ["0", "1000000"], ids=["onednn", "gemm"])
+@pytest.mark.parametrize("which", ["in", "out", "both", "none"])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_single_example_spatial_paths(gemm_positions, which, groups, dtype, monkeypatch):
+    # Batch 1 has its own spatial paths: oneDNN's result returned as y (no output gate), the input
+    # read in place (every input open), im2col + GEMM on small planes. Both kernels, every gate mix.
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(GEMM_POSITIONS, gemm_positions)
+    gen = torch.Generator().manual_seed(5)
+    cin, cout = 32, 48
+    x = torch.randn(1, cin, 9, 9, generator=gen, dtype=dtype)
+    w = torch.randn(cout, cin // groups, 3, 3, generator=gen, dtype=dtype)
+    b = torch.randn(cout, generator=gen, dtype=dtype)
+    ig = (torch.rand(1, cin, generator=gen) < 0.5).to(dtype) if which in ("in", "both") else None
+    og = (torch.rand(1, cout, generator=gen) < 0.5).to(dtype) if which in ("out", "both") else None
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for stride in (1, 2):
+        y = condkernels.gated_conv2d(x, w, b, ig, og, stride=stride, padding=1, groups=groups)
+        want = oracle(x, w, b, ig, og, stride, (1, 1, 1, 1), 1, groups)
+        torch.testing.assert_close(y.double(), want, **tol)
+    if ig is not None:  # every input closed: the bias alone (times out_gate)
+        y = condkernels.gated_conv2d(x, w, b, torch.zeros_like(ig), og, padding=1, groups=groups)
+        torch.testing.assert_close(y.double(), oracle(x, w, b, torch.zeros_like(ig), og, 1, (1, 1, 1, 1), 1, groups),
+                                   **tol)
+
+
 def test_backends_without_gated_kernels_say_so():
     x, w, b, ig, og = _small()
     has_cuda = condkernels._library.has_kernel("gated_conv2d", "CUDA")

@@ -455,3 +455,23 @@ def test_set_gate_density_reaches_deepmoe_gates():
     half = conditional_macs(fast, x)
     set_gate_density(fast, 1.0)
     assert half < conditional_macs(fast, x)
+
+
+def test_inference_max_pool_is_channels_last_and_exact():
+    from condkernels.inference import ChannelsLastMaxPool2d
+
+    net = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, ceil_mode=True))
+    opt = condkernels.optimize_for_inference(net)
+    assert all(type(m) is ChannelsLastMaxPool2d for m in opt)
+    assert all(type(m) is nn.MaxPool2d for m in net)  # the original is left as it is
+    x = torch.randn(2, 5, 13, 11)
+    x[0, 1, 3, 4] = float("nan")
+    x[1, 2] = float("-inf")
+    want = net(x)
+    got = opt(x)
+    assert got.is_contiguous() and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    got_cl = opt(cl)
+    assert got_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got_cl.nan_to_num(0.0), want.nan_to_num(0.0))

@@ -153,8 +153,7 @@ class ChannelGate(nn.Module):
             raise ValueError(f"ChannelGate: x must be (B, {self.in_channels}, H, W), got {got}")
         logits = self.logits(x)
         if self.forced_density is not None:
-            gate = forced_gate_mask(x.shape[0], self.gated_channels, self.forced_density, self.forced_seed,
-                                    device=x.device, dtype=logits.dtype)
+            gate = self._forced_mask(x.shape[0], x.device, logits.dtype)
         else:
             gate = binary_concrete_gate(logits, self.tau, hard=True, training=self.training)
         if not torch.compiler.is_exporting():
@@ -163,7 +162,21 @@ class ChannelGate(nn.Module):
             self.last_open_fraction = gate.detach().mean()
         return gate
 
-    _RECORDS = ("last_logits", "last_probability", "last_open_fraction")
+    def _forced_mask(self, batch: int, device, dtype) -> Tensor:
+        # The masks are a pure function of these arguments: made once, not on every forward (the
+        # hashing and two argsorts cost ~0.1 ms a gate at batch 1).
+        if torch.compiler.is_compiling():  # traced graphs make the mask themselves
+            return forced_gate_mask(batch, self.gated_channels, self.forced_density, self.forced_seed,
+                                    device=device, dtype=dtype)
+        key = (batch, self.gated_channels, self.forced_density, self.forced_seed, device, dtype)
+        cached = self.__dict__.get("_forced_mask_cache")
+        if cached is None or cached[0] != key:
+            mask = forced_gate_mask(batch, self.gated_channels, self.forced_density, self.forced_seed,
+                                    device=device, dtype=dtype)
+            self.__dict__["_forced_mask_cache"] = cached = (key, mask)
+        return cached[1]
+
+    _RECORDS = ("last_logits", "last_probability", "last_open_fraction", "_forced_mask_cache")
 
     def __getstate__(self):
         # The records of the last forward hold autograd graphs, which cannot be copied or pickled;

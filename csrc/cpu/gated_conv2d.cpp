@@ -5,7 +5,8 @@
 // the example's open input planes and its open filters (in_gate folded into them) and runs one
 // oneDNN convolution on them (at::conv2d); a 1x1 kernel is one GEMM over the open channels. (An
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
-// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat.)
+// throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
+// kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
@@ -20,8 +21,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -53,6 +56,23 @@ double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
   // A single example reads its open filters once, as the dense convolution reads all of them.
   const bool small_planes = g.out_h * g.out_w < kSmallPlane && g.batch > 1;
   return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
+}
+
+// A single example's spatial kernel on planes of at most this many output pixels (7x7) runs as
+// im2col + one MKL GEMM, not through oneDNN: these layers are bound by reading the weights, and the
+// GEMM reads the gathered filters as they are, where oneDNN reorders them into its blocked layout
+// first. At batch 1, one thread, density 0.5, ResNet-34's 7x7 layers measured 0.45-0.62x of the
+// dense convolution this way against 0.53-0.67x through oneDNN (docs/gated_conv2d.md).
+// CONDKERNELS_GATED_GEMM_POSITIONS overrides the limit (0: always oneDNN) for measurements.
+constexpr int64_t kGemmMaxPositions = 64;
+
+int64_t gemm_max_positions() {
+  const char* env = std::getenv("CONDKERNELS_GATED_GEMM_POSITIONS");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kGemmMaxPositions;
+}
+
+bool spatial_as_gemm(const ConvGeometry& g) {
+  return g.is_pointwise() || (g.batch == 1 && g.out_h * g.out_w <= gemm_max_positions());
 }
 
 // Open channels of one example, as indices local to their group, group after group.
@@ -248,30 +268,112 @@ constexpr int64_t kShapeQuantum = 16;
 
 int64_t round_up(int64_t n, int64_t quantum) { return (n + quantum - 1) / quantum * quantum; }
 
-// Per-thread scratch, sized for the largest group GEMM of the call.
+// Scratch memory kept by each thread from call to call, grown as needed. Buffers of a few MB
+// allocated and freed on every call come from fresh pages (glibc maps and unmaps them, or trims
+// the heap), and the page faults on first touch cost as much as the copies written into them: at
+// batch 1 on the CPU benchmarked they made the compacted convolution of a 64->128 3x3 layer at
+// stride 2 twice as slow as the same convolution on reused buffers.
+class ScratchPool {
+ public:
+  // `bytes` of memory for `slot`, 64-byte aligned; valid until the same thread asks for the slot again.
+  void* get(int slot, size_t bytes) {
+    Buffer& b = buffers_[slot];
+    if (b.bytes < bytes) {
+      b.data.reset(static_cast<char*>(std::aligned_alloc(64, round_up_bytes(bytes))));
+      TORCH_CHECK(b.data != nullptr, "gated_conv2d: cannot allocate ", bytes, " bytes of scratch memory");
+      b.bytes = round_up_bytes(bytes);
+    }
+    return b.data.get();
+  }
+  static ScratchPool& of_this_thread() {
+    thread_local ScratchPool pool;
+    return pool;
+  }
+  static constexpr int kSlots = 9;
+
+ private:
+  static size_t round_up_bytes(size_t n) { return std::max<size_t>(64, (n + 63) / 64 * 64); }
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<char, Free> data;
+    size_t bytes = 0;
+  };
+  std::array<Buffer, kSlots> buffers_;
+};
+
+// Per-thread scratch, sized for the largest group GEMM of the call (views of the thread's pool).
 struct Workspace {
   at::Tensor cols, weight, result, planes, grad_rows, grad_rows_t, grad_cols, acc_planes, ungated;
 
   Workspace(const ConvGeometry& g, const at::TensorOptions& options, bool backward) {
     const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
     const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-    cols = at::empty({cin_g * kk * positions}, options);
-    weight = at::empty({(cout_g + kShapeQuantum) * (cin_g + kShapeQuantum) * kk}, options);
-    result = at::empty({cout_g * positions}, options);
-    planes = at::empty({(cin_g + kShapeQuantum) * g.in_h * g.in_w}, options);
+    ScratchPool& pool = ScratchPool::of_this_thread();
+    int slot = 0;
+    auto buffer = [&](int64_t numel, const at::TensorOptions& opts) {
+      const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
+      return at::from_blob(pool.get(slot++, bytes), {numel}, opts);
+    };
+    cols = buffer(cin_g * kk * positions, options);
+    weight = buffer((cout_g + kShapeQuantum) * (cin_g + kShapeQuantum) * kk, options);
+    result = buffer(cout_g * positions, options);
+    planes = buffer((cin_g + kShapeQuantum) * g.in_h * g.in_w, options);
     if (backward) {
-      grad_rows = at::empty({cout_g * positions}, options);
-      grad_rows_t = at::empty({cout_g * positions}, options);
-      grad_cols = at::empty({cin_g * kk * positions}, options);
-      acc_planes = at::empty({cin_g * g.in_h * g.in_w},
-                             options.dtype(at::toOpMathType(options.dtype().toScalarType())));
-      ungated = at::empty({g.out_channels * positions}, options);
+      grad_rows = buffer(cout_g * positions, options);
+      grad_rows_t = buffer(cout_g * positions, options);
+      grad_cols = buffer(cin_g * kk * positions, options);
+      acc_planes = buffer(cin_g * g.in_h * g.in_w, options.dtype(at::toOpMathType(options.dtype().toScalarType())));
+      ungated = buffer(g.out_channels * positions, options);
     }
   }
   static at::Tensor matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) {
     return buffer.narrow(0, 0, rows * cols).view({rows, cols});
   }
 };
+
+// One example's (and group's) open channels through oneDNN's convolution: its open input planes
+// and its open filters (in_gate folded in). Returns (1, out_p, out_h, out_w) whose first n_out
+// channels are the open outputs (plus `bias`, given for every one of them), the rest zeros. Needs
+// n_in > 0 and n_out > 0.
+template <typename T>
+at::Tensor open_channel_conv(const at::Tensor& x, int64_t b, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const T* in_gate_row,
+                             const ConvGeometry& g, int64_t grp, const int64_t* in_list, int64_t n_in,
+                             const int64_t* out_list, int64_t n_out, Workspace& ws) {
+  const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
+  const int64_t kk = g.kernel_h * g.kernel_w, plane = g.in_h * g.in_w;
+  // Counts that are the layer's own stay as they are (a shape oneDNN sees anyway); partial ones are
+  // rounded up with zero planes and zero filters, which add exact zeros.
+  const int64_t in_p = n_in == cin_g ? cin_g : round_up(n_in, kShapeQuantum);
+  const int64_t out_p = n_out == cout_g ? cout_g : round_up(n_out, kShapeQuantum);
+  at::Tensor planes;
+  if (n_in == cin_g && g.groups == 1) {  // every input plane open: the example itself, no copy
+    planes = x.narrow(0, b, 1);
+  } else {
+    const T* x_g = x.data_ptr<T>() + (b * g.in_channels + grp * cin_g) * plane;
+    planes = ws.planes.narrow(0, 0, in_p * plane).view({1, in_p, g.in_h, g.in_w});
+    T* pl = planes.data_ptr<T>();
+    parallel_rows(in_p, plane, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        if (i < n_in) std::memcpy(pl + i * plane, x_g + in_list[i] * plane, plane * sizeof(T));
+        else std::fill(pl + i * plane, pl + (i + 1) * plane, T(0));
+      }
+    });
+  }
+  at::Tensor w_open;
+  if (n_in == cin_g && n_out == cout_g && in_gate_row == nullptr && g.groups == 1) {
+    w_open = weight;
+  } else {
+    w_open = ws.weight.narrow(0, 0, out_p * in_p * kk).view({out_p, in_p, g.kernel_h, g.kernel_w});
+    gather_weight(weight.data_ptr<T>(), g, grp, out_list, n_out, in_list, n_in, in_gate_row,
+                  w_open.data_ptr<T>(), in_p * kk, out_p);
+  }
+  return at::conv2d(pad_if_asymmetric(planes, g), w_open, bias, {g.stride_h, g.stride_w},
+                    symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
+      .contiguous();
+}
 
 // One example's forward. Writes y_b = out_gate * (conv + bias), closed outputs as 0, and, when
 // `ungated_b` is given, conv + bias of every output channel (then every output is computed).
@@ -296,27 +398,10 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
     at::Tensor result = Workspace::matrix(ws.result, n_out, positions);
     if (n_out > 0 && n_in == 0) {
       result.zero_();
-    } else if (n_out > 0 && !g.is_pointwise()) {
-      // The example's open input planes, its open filters (in_gate folded in), one oneDNN
-      // convolution. Padding channels are zero planes with zero filters: they add exact zeros.
-      const int64_t in_p = round_up(n_in, kShapeQuantum), out_p = round_up(n_out, kShapeQuantum);
-      const int64_t plane = g.in_h * g.in_w;
-      const T* x_g = x_b + grp * cin_g * plane;
-      at::Tensor planes = ws.planes.narrow(0, 0, in_p * plane).view({1, in_p, g.in_h, g.in_w});
-      T* pl = planes.data_ptr<T>();
-      parallel_rows(in_p, plane, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          if (i < n_in) std::memcpy(pl + i * plane, x_g + in_list[i] * plane, plane * sizeof(T));
-          else std::fill(pl + i * plane, pl + (i + 1) * plane, T(0));
-        }
-      });
-      at::Tensor w_open = ws.weight.narrow(0, 0, out_p * in_p * kk);
-      gather_weight(w, g, grp, out_list, n_out, in_list, n_in, in_gate_row, w_open.data_ptr<T>(), in_p * kk,
-                    out_p);
-      result = at::conv2d(pad_if_asymmetric(planes, g), w_open.view({out_p, in_p, g.kernel_h, g.kernel_w}),
-                          {}, {g.stride_h, g.stride_w}, symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
-                   .contiguous()
-                   .view({out_p, positions});
+    } else if (n_out > 0 && !spatial_as_gemm(g)) {
+      result = open_channel_conv<T>(x, b, weight, std::nullopt, in_gate_row, g, grp, in_list, n_in, out_list,
+                                    n_out, ws)
+                   .view({-1, positions});
     } else if (n_out > 0) {
       const bool every_input = n_in == cin_g;
       at::Tensor cols;
@@ -419,6 +504,27 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
+  }
+
+  // One example, one group, no output gate: oneDNN's result, bias included, is y itself, with
+  // no epilogue copy. (float/double only: half types would round before the bias, as the
+  // epilogue does, not after it.)
+  const bool result_is_y = g.batch == 1 && g.groups == 1 && !spatial_as_gemm(g) && !with_ungated && !out_gate &&
+                           (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+  if (result_is_y) {
+    at::Tensor y;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gated_conv2d_cpu", [&] {
+      const scalar_t* in_gate_p = optional_data<scalar_t>(in_gate);
+      OpenChannels ins, outs;
+      ins.build(in_gate_p, g.in_channels, 1);
+      if (ins.count(0) == 0) return;  // no open input: bias only, left to the general path
+      outs.build(static_cast<const scalar_t*>(nullptr), g.out_channels, 1);
+      at::AutoDispatchBelowAutograd below_autograd;
+      Workspace ws(g, x.options(), /*backward=*/false);
+      y = open_channel_conv<scalar_t>(x, 0, weight, bias, in_gate_p, g, 0, ins.of(0), ins.count(0), outs.of(0),
+                                      outs.count(0), ws);
+    });
+    if (y.defined()) return {y.contiguous(memory_format), at::Tensor()};
   }
 
   const std::vector<int64_t> shape{g.batch, g.out_channels, g.out_h, g.out_w};
