@@ -15,7 +15,7 @@ import torch
 import condkernels
 
 from . import competitors
-from .cases import NAIVE, STATIC, Case, is_ours, ours
+from .cases import NAIVE, STATIC, Case, is_ours, ours, ours_method
 from .results import Target, cases_of, cell, fmt_ms, fmt_ratio, method_order, ms
 
 SUITE = "batch_shaping"
@@ -112,13 +112,6 @@ def cases(cfg) -> list[Case]:
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def ours_method(methods):
-    for backend in ("cpu", "cuda", "triton"):
-        if ours(backend) in methods:
-            return ours(backend)
-    return None
 
 
 def report(rows: list[dict]) -> tuple[list[str], list[Target]]:

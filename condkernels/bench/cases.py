@@ -20,6 +20,14 @@ def is_ours(method: str) -> bool:
     return method.startswith("condkernels:")
 
 
+def ours_method(methods) -> str | None:
+    """The backend judged against the targets: cpu on the CPU, else cuda, else triton."""
+    for backend in ("cpu", "cuda", "triton"):
+        if ours(backend) in methods:
+            return ours(backend)
+    return None
+
+
 @dataclass
 class Config:
     """What the command line asked for."""

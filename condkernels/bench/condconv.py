@@ -14,7 +14,9 @@ import torch
 import condkernels
 
 from . import competitors
-from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, is_ours, no_grad_call, ours
+from .cases import (
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, is_ours, no_grad_call, ours, ours_method,
+)
 from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
 
 SUITE = "condconv"
@@ -113,14 +115,6 @@ def cases(cfg) -> list[Case]:
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def ours_method(methods) -> str | None:
-    """The backend judged against the targets: cpu on the CPU, else cuda, else triton."""
-    for backend in ("cpu", "cuda", "triton"):
-        if ours(backend) in methods:
-            return ours(backend)
-    return None
 
 
 def judge(case: dict[str, dict]) -> dict:

@@ -16,7 +16,9 @@ import torch
 import condkernels
 
 from . import competitors
-from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, is_ours, no_grad_call, ours
+from .cases import (
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, is_ours, no_grad_call, ours, ours_method,
+)
 from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
 
 SUITE = "gated"
@@ -138,13 +140,6 @@ def cases(cfg) -> list[Case]:
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def ours_method(methods):
-    for backend in ("cpu", "cuda", "triton"):
-        if ours(backend) in methods:
-            return ours(backend)
-    return None
 
 
 def judge(case: dict[str, dict]) -> dict:

@@ -18,7 +18,7 @@ from condkernels import models as ck_models
 from condkernels.utils import set_gate_density
 
 from . import competitors
-from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, ours
+from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, ours, ours_method
 from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
 
 SUITE = "models"
@@ -109,13 +109,6 @@ def cases(cfg) -> list[Case]:
 
 
 # --- report ----------------------------------------------------------------------------------------
-
-
-def ours_method(methods):
-    for backend in ("cpu", "cuda", "triton"):
-        if ours(backend) in methods:
-            return ours(backend)
-    return None
 
 
 def report(rows: list[dict]) -> tuple[list[str], list[Target]]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import cond_conv2d
-from ..ops._conv_args import IntOrPair, Padding, conv_module_args
+from ..ops._conv_args import IntOrPair, Padding, conv_module_args, conv_module_repr
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
 
@@ -186,17 +186,7 @@ class CondConv2d(RoutedModule):
                                       unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding!r}, num_experts={self.num_experts}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s
+        return conv_module_repr(self, f", num_experts={self.num_experts}")
 
 
 def call_layer(layer: nn.Module, x: Tensor, routing: Optional[Tensor]) -> Tensor:

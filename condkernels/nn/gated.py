@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..gates import binary_concrete_gate, gate_probability
 from ..ops import gated_conv2d
-from ..ops._conv_args import IntOrPair, Padding, conv_module_args
+from ..ops._conv_args import IntOrPair, Padding, conv_module_args, conv_module_repr
 
 
 class GatedConv2d(nn.Module):
@@ -68,17 +68,7 @@ class GatedConv2d(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding!r}"
-        )
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        return s
+        return conv_module_repr(self)
 
 
 class ChannelGate(nn.Module):

@@ -122,3 +122,19 @@ def conv_module_args(module: str, in_channels: int, out_channels: int, kernel_si
         padding=padding if isinstance(padding, str) else tuple(pair(padding, f"{module}: padding")),
         dilation=tuple(pair(dilation, f"{module}: dilation")),
     )
+
+
+def conv_module_repr(module, extra: str = "") -> str:
+    """``extra_repr`` of a convolution module: the geometry, ``extra`` after the padding, and the
+    arguments that differ from their defaults."""
+    s = (
+        f"{module.in_channels}, {module.out_channels}, kernel_size={module.kernel_size}, "
+        f"stride={module.stride}, padding={module.padding!r}{extra}"
+    )
+    if module.dilation != (1, 1):
+        s += f", dilation={module.dilation}"
+    if module.groups != 1:
+        s += f", groups={module.groups}"
+    if module.bias is None:
+        s += ", bias=False"
+    return s
