@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gated import forced_gate_mask
+from .gated import ForcedDensity
 
 __all__ = ["DeepMoELosses", "GateHead", "ShallowEmbedding", "freeze_gates", "gate_heads"]
 
@@ -73,7 +73,7 @@ class ShallowEmbedding(nn.Module):
         return super().train(mode and not self.frozen)
 
 
-class GateHead(nn.Module):
+class GateHead(ForcedDensity, nn.Module):
     """One head of the multi-headed sparse gating network: ``g = ReLU(W · e)`` (paper eq. 6, no bias).
 
     ``forward(e)`` returns ``g (B, channels)`` and records it in ``last_gate`` (with its graph, for
@@ -93,40 +93,14 @@ class GateHead(nn.Module):
         self.channels = channels
         self.index = index
         self.proj = nn.Linear(embed_dim, channels, bias=False)
-        self.forced_density: Optional[float] = None
-        self.forced_seed = 0
-        self._mask_cache: Optional[Tensor] = None
+        self.forced_channels = channels
         self.last_gate: Optional[Tensor] = None
         self.open_fraction: Optional[Tensor] = None
 
-    def force_density(self, density: Optional[float], seed: int = 0) -> None:
-        """From now on emit fixed random 0/1 masks with ``round(density * channels)`` open channels per
-        example (``None``: the learned ReLU gates again).
-
-        The forced gate is the mask itself, not the mask times the ReLU value: the open fraction is
-        then exactly the one asked for, whatever the learned gates would have closed. Example ``b``'s
-        mask depends only on ``(seed, index, b)``, so it is the same for any batch size and device.
-        """
-        if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
-                raise ValueError(f"GateHead.force_density: density must be in [0, 1] or None, got {density!r}")
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise ValueError(f"GateHead.force_density: seed must be an int, got {seed!r}")
-            density = float(density)
-        self.forced_density = density
-        self.forced_seed = seed
-        self._mask_cache = None
-
-    def forced_mask(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The ``(batch, channels)`` 0/1 mask of :meth:`force_density` (cached for the last shape)."""
-        cached = self._mask_cache
-        if cached is not None and cached.shape[0] == batch and cached.device == device and cached.dtype == dtype:
-            return cached
-        # Each head draws its own masks: its index joins the seed.
-        seed = (self.forced_seed * 0x9E3779B1 + self.index) & 0xFFFFFFFF
-        mask = forced_gate_mask(batch, self.channels, self.forced_density, seed, device=device, dtype=dtype)
-        self._mask_cache = mask
-        return mask
+    def forced_mask_seed(self) -> int:
+        # Each head draws its own masks: its index joins the seed. (The forced gate is the mask
+        # itself, not mask x ReLU value, so the open fraction is exactly the one asked for.)
+        return (self.forced_seed * 0x9E3779B1 + self.index) & 0xFFFFFFFF
 
     def forward(self, e: Tensor) -> Tensor:
         if not isinstance(e, Tensor) or e.dim() != 2 or e.shape[1] != self.embed_dim:
@@ -142,7 +116,7 @@ class GateHead(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["last_gate"] = state["open_fraction"] = None
+        state["last_gate"] = state["open_fraction"] = state["_forced_mask_cache"] = None
         return state
 
     def extra_repr(self) -> str:

@@ -71,7 +71,51 @@ class GatedConv2d(nn.Module):
         return conv_module_repr(self)
 
 
-class ChannelGate(nn.Module):
+class ForcedDensity:
+    """What a gate module needs to emit fixed random per-example 0/1 masks of a chosen density in
+    place of its learned gates (benchmarks and counting at a given sparsity; see
+    :func:`condkernels.utils.set_gate_density`).
+
+    The module sets ``forced_channels`` (its gate count) and may override :meth:`forced_mask_seed`.
+    """
+
+    forced_channels: int
+    forced_density: Optional[float] = None
+    forced_seed: int = 0
+
+    def force_density(self, density: Optional[float], seed: int = 0) -> None:
+        """From now on emit fixed random per-example 0/1 masks with ``round(density * channels)``
+        open gates per example (see :func:`forced_gate_mask`: example b's mask depends only on
+        the seed and ``b``, whatever the batch size); ``None`` restores the learned gates."""
+        who = f"{type(self).__name__}.force_density"
+        if density is not None:
+            if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 <= density <= 1.0):
+                raise ValueError(f"{who}: density must be None or a number in [0, 1], got {density!r}")
+            density = float(density)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{who}: seed must be an int, got {seed!r}")
+        self.forced_density = density
+        self.forced_seed = seed
+
+    def forced_mask_seed(self) -> int:
+        return self.forced_seed
+
+    def forced_mask(self, batch: int, device, dtype: torch.dtype) -> Tensor:
+        """The ``(batch, channels)`` mask of :meth:`force_density`. The masks are a pure function of
+        these arguments: made once, not on every forward (the hashing and two argsorts cost ~0.1 ms
+        a gate at batch 1); traced graphs make the mask themselves."""
+        seed = self.forced_mask_seed()
+        if torch.compiler.is_compiling():
+            return forced_gate_mask(batch, self.forced_channels, self.forced_density, seed, device=device, dtype=dtype)
+        key = (batch, self.forced_channels, self.forced_density, seed, device, dtype)
+        cached = self.__dict__.get("_forced_mask_cache")
+        if cached is None or cached[0] != key:
+            mask = forced_gate_mask(batch, self.forced_channels, self.forced_density, seed, device=device, dtype=dtype)
+            self.__dict__["_forced_mask_cache"] = cached = (key, mask)
+        return cached[1]
+
+
+class ChannelGate(ForcedDensity, nn.Module):
     """The batch-shaping paper's gate module: per-example 0/1 gates for ``gated_channels`` channels.
 
     ``GAP(x) -> Linear(in_channels, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, gated_channels)``
@@ -119,8 +163,7 @@ class ChannelGate(nn.Module):
         self.bn = nn.BatchNorm1d(hidden)
         self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, gated_channels)
-        self.forced_density: Optional[float] = None
-        self.forced_seed = 0
+        self.forced_channels = gated_channels
         self.last_logits: Optional[Tensor] = None
         self.last_probability: Optional[Tensor] = None
         self.last_open_fraction: Optional[Tensor] = None
@@ -143,7 +186,7 @@ class ChannelGate(nn.Module):
             raise ValueError(f"ChannelGate: x must be (B, {self.in_channels}, H, W), got {got}")
         logits = self.logits(x)
         if self.forced_density is not None:
-            gate = self._forced_mask(x.shape[0], x.device, logits.dtype)
+            gate = self.forced_mask(x.shape[0], x.device, logits.dtype)
         else:
             gate = binary_concrete_gate(logits, self.tau, hard=True, training=self.training)
         if not torch.compiler.is_exporting():
@@ -151,20 +194,6 @@ class ChannelGate(nn.Module):
             self.last_probability = gate_probability(logits)
             self.last_open_fraction = gate.detach().mean()
         return gate
-
-    def _forced_mask(self, batch: int, device, dtype) -> Tensor:
-        # The masks are a pure function of these arguments: made once, not on every forward (the
-        # hashing and two argsorts cost ~0.1 ms a gate at batch 1).
-        if torch.compiler.is_compiling():  # traced graphs make the mask themselves
-            return forced_gate_mask(batch, self.gated_channels, self.forced_density, self.forced_seed,
-                                    device=device, dtype=dtype)
-        key = (batch, self.gated_channels, self.forced_density, self.forced_seed, device, dtype)
-        cached = self.__dict__.get("_forced_mask_cache")
-        if cached is None or cached[0] != key:
-            mask = forced_gate_mask(batch, self.gated_channels, self.forced_density, self.forced_seed,
-                                    device=device, dtype=dtype)
-            self.__dict__["_forced_mask_cache"] = cached = (key, mask)
-        return cached[1]
 
     _RECORDS = ("last_logits", "last_probability", "last_open_fraction", "_forced_mask_cache")
 
@@ -176,19 +205,6 @@ class ChannelGate(nn.Module):
         for name in self._RECORDS:
             state[name] = None
         return state
-
-    def force_density(self, density: Optional[float], seed: int = 0) -> None:
-        """From now on emit fixed random per-example 0/1 masks with ``round(density * gated_channels)``
-        open gates per example (see :func:`forced_gate_mask`: example b's mask depends only on
-        ``seed`` and ``b``, whatever the batch size); ``None`` restores the learned gates."""
-        if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not (0.0 <= density <= 1.0):
-                raise ValueError(f"ChannelGate.force_density: density must be None or a number in [0, 1], got {density!r}")
-            density = float(density)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"ChannelGate.force_density: seed must be an int, got {seed!r}")
-        self.forced_density = density
-        self.forced_seed = seed
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels} -> {self.gated_channels} gates, tau={self.tau:.4g}"
