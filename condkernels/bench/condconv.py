@@ -15,9 +15,11 @@ import condkernels
 
 from . import competitors
 from .cases import (
-    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, is_ours, no_grad_call, ours, ours_method,
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, no_grad_call, ours, ours_method,
 )
-from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
+from .results import (
+    Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
+)
 
 SUITE = "condconv"
 OP = "cond_conv2d"
@@ -197,19 +199,11 @@ def plots(rows: list[dict], plt, figdir, prefix: str) -> list[tuple[str, str]]:
         return []
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
     for ax, ((shape, batch, mode), sel) in zip(axes[0], sweeps):
-        for method in method_order({r["method"] for r in sel}):
-            pts = sorted((r["experts"], r["time_ms"]) for r in sel if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
-                    linewidth=2.5 if is_ours(method) else 1.2)
+        plot_time_per_method(ax, sel, "experts")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["experts"] for r in sel}), [str(e) for e in sorted({r["experts"] for r in sel})])
         ax.set_yscale("log")
         ax.set_xlabel("experts E")
-        ax.set_ylabel("ms per call")
         ax.set_title(f"{shape}\nB={batch}, {mode}", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = f"{prefix}condconv_time_vs_experts.png"
-    fig.savefig(figdir / name, dpi=110)
-    plt.close(fig)
+    name = save_figure(fig, plt, figdir, f"{prefix}condconv_time_vs_experts.png")
     return [("cond_conv2d: time against the number of experts", name)]

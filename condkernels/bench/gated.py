@@ -17,9 +17,11 @@ import condkernels
 
 from . import competitors
 from .cases import (
-    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, is_ours, no_grad_call, ours, ours_method,
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, no_grad_call, ours, ours_method,
 )
-from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
+from .results import (
+    Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
+)
 
 SUITE = "gated"
 OP = "gated_conv2d"
@@ -215,17 +217,9 @@ def plots(rows: list[dict], plt, figdir, prefix: str) -> list[tuple[str, str]]:
         return []
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     for ax, ((c, hw, b, side), sel) in zip(axes[0], sweeps):
-        for method in method_order({r["method"] for r in sel}):
-            pts = sorted((r["density"], r["time_ms"]) for r in sel if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
-                    linewidth=2.5 if is_ours(method) else 1.2)
+        plot_time_per_method(ax, sel, "density")
         ax.set_xlabel("density d (open fraction)")
-        ax.set_ylabel("ms per call")
         ax.set_ylim(bottom=0)
         ax.set_title(f"C={c} @{hw}x{hw}, B={b}, {side}_gate", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    name = f"{prefix}gated_time_vs_density.png"
-    fig.savefig(figdir / name, dpi=110)
-    plt.close(fig)
+    name = save_figure(fig, plt, figdir, f"{prefix}gated_time_vs_density.png")
     return [("gated_conv2d: inference time against gate density", name)]

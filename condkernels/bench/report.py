@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import SUITES
 from .cases import is_ours
-from .results import cases_of, load, yes_no
+from .results import cases_of, load, save_figure, yes_no
 
 REPORT_NAME = "benchmarks.md"
 FIGURES = "figures"
@@ -44,10 +44,7 @@ def ratio_to_floor_plot(rows: list[dict], plt, figdir: Path, prefix: str, device
     ax.set_xscale("log")
     ax.set_xlabel("time / roofline floor (1 = the machine's limit)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    name = f"{prefix}ratio_to_floor.png"
-    fig.savefig(figdir / name, dpi=110)
-    plt.close(fig)
+    name = save_figure(fig, plt, figdir, f"{prefix}ratio_to_floor.png")
     return [(f"time over the roofline floor, per case ({device})", name)]
 
 

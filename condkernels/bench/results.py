@@ -112,3 +112,25 @@ def method_order(methods) -> list[str]:
 def count(targets: list[bool]) -> str:
     """How many rows meet a target, e.g. "7 of 12 rows met"."""
     return f"{sum(targets)} of {len(targets)} rows met"
+
+
+def plot_time_per_method(ax, rows: list[dict], x_key: str) -> None:
+    """One line per method on ``ax``: ms per call against ``row[x_key]`` (condkernels' backends drawn
+    thicker), with its legend."""
+    from .cases import is_ours
+
+    for method in method_order({r["method"] for r in rows}):
+        pts = sorted((r[x_key], r["time_ms"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                linewidth=2.5 if is_ours(method) else 1.2)
+    ax.set_ylabel("ms per call")
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, plt, figdir: Path, name: str) -> str:
+    """Writes ``fig`` to ``figdir/name`` and closes it; returns ``name``."""
+    fig.tight_layout()
+    fig.savefig(figdir / name, dpi=110)
+    plt.close(fig)
+    return name
+
