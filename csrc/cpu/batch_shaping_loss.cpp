@@ -29,6 +29,17 @@ constexpr int64_t kChunk = 256;             // sorted positions evaluated per in
 constexpr int64_t kLargeBatch = 1 << 15;    // from here one column is worth splitting
 constexpr int64_t kTile = 64;               // columns gathered together (a few cache lines per row)
 
+// A 256-bucket histogram turned, in place, into each bucket's first position; returns it.
+inline int64_t* bucket_starts(int64_t* count) {
+  int64_t sum = 0;
+  for (int d = 0; d < 256; ++d) {
+    const int64_t v = count[d];
+    count[d] = sum;
+    sum += v;
+  }
+  return count;
+}
+
 // Stable LSD radix sort of (key, row) pairs by key, one byte per pass, of K columns of n pairs at
 // once: the histogram and scatter loops of a single short column are chains of increments of the
 // same few counters (gate values share their top bytes), and interleaving independent columns lets
@@ -54,15 +65,7 @@ void radix_sort_columns(int64_t n, Key** keys, int32_t** rows, Key** key_tmp, in
     for (int c = 0; c < K; ++c) constant &= count[(c * kBytes + byte) * 256 + ((keys[c][0] >> shift) & 0xFF)] == n;
     if (constant) continue;
     int64_t* cnt[K];
-    for (int c = 0; c < K; ++c) {
-      cnt[c] = count + (c * kBytes + byte) * 256;
-      int64_t sum = 0;
-      for (int d = 0; d < 256; ++d) {
-        const int64_t v = cnt[c][d];
-        cnt[c][d] = sum;
-        sum += v;
-      }
-    }
+    for (int c = 0; c < K; ++c) cnt[c] = bucket_starts(count + (c * kBytes + byte) * 256);
     for (int64_t i = 0; i < n; ++i) {
       for (int c = 0; c < K; ++c) {
         const Key k = keys[c][i];
@@ -101,15 +104,7 @@ void radix_sort_packed(int64_t n, uint64_t** items, uint64_t** item_tmp, std::ve
     for (int c = 0; c < K; ++c) constant &= count[(c * 4 + byte) * 256 + ((items[c][0] >> shift) & 0xFF)] == n;
     if (constant) continue;
     int64_t* cnt[K];
-    for (int c = 0; c < K; ++c) {
-      cnt[c] = count + (c * 4 + byte) * 256;
-      int64_t sum = 0;
-      for (int d = 0; d < 256; ++d) {
-        const int64_t v = cnt[c][d];
-        cnt[c][d] = sum;
-        sum += v;
-      }
-    }
+    for (int c = 0; c < K; ++c) cnt[c] = bucket_starts(count + (c * 4 + byte) * 256);
     for (int64_t i = 0; i < n; ++i) {
       for (int c = 0; c < K; ++c) {
         const uint64_t item = items[c][i];
