@@ -173,8 +173,7 @@ class CifarResNet(nn.Module):
 def _widths(who: str, planes: Sequence[int], width: float) -> list[int]:
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not (0 < width < math.inf):
         raise ValueError(f"{who}: width must be a positive number, got {width!r}")
-    out = [max(1, int(round(p * width))) for p in planes]
-    return out
+    return [max(1, int(round(p * width))) for p in planes]
 
 
 def _imagenet_bas(block: type, layers, num_classes, width, gate_hidden, tau) -> ResNet:
