@@ -51,8 +51,9 @@ def batch_shaping_loss(
     gate probabilities ``sigmoid(logits)`` (:func:`gate_probability`), never hard 0/1 gates.
 
     The backward is the paper's: ``-2 * scale * (i/(N+1) - F(x_(i))) * f(x_(i))`` with the prior
-    density f clipped to ``pdf_clip``, put back at each value's own batch row through the saved sort
-    order (ties keep batch order), times the incoming gradient.
+    density f clipped to ``pdf_clip``, put back at each value's own batch row through the sort order
+    (ties keep batch order), times the incoming gradient. The kernels do that scatter in the
+    forward, while each column is in cache, and save only the gradient (no sort indices).
 
     Args:
         gates: ``(N, ...)``, N >= 1 examples; floating point. NaN values give a NaN loss.
@@ -200,35 +201,27 @@ def _fake_forward(gates, prior, prior_a, prior_b, reduction, pdf_lo, pdf_hi, eps
     return (
         gates.new_empty(()),
         torch.empty(gates.shape, dtype=gates.dtype, device=gates.device),
-        torch.empty(gates.shape, dtype=torch.long, device=gates.device),
     )
 
 
-def _fake_backward(grad_loss, sorted_grad, sort_index):
-    return torch.empty(sorted_grad.shape, dtype=sorted_grad.dtype, device=sorted_grad.device)
-
-
-def register_variant(forward_op: str, backward_op: str) -> None:
-    """Registers fakes and autograd of one compiled variant (schemas as ``batch_shaping_loss`` /
-    ``_batch_shaping_loss_backward``)."""
-    backward = getattr(torch.ops.condkernels, backward_op.split("::")[1]).default
+def register_variant(forward_op: str) -> None:
+    """Registers the fake and the autograd of one compiled variant (schema as ``batch_shaping_loss``:
+    ``(loss, grad_gates)``, grad_gates being d loss / d gates at each value's own batch row)."""
 
     def setup_context(ctx, inputs, output):
-        _, sorted_grad, sort_index = output
-        ctx.mark_non_differentiable(sorted_grad, sort_index)
-        ctx.set_materialize_grads(False)  # no zero gradients for the two non-differentiable outputs
-        ctx.save_for_backward(sorted_grad, sort_index)
+        _, grad_gates = output
+        ctx.mark_non_differentiable(grad_gates)
+        ctx.set_materialize_grads(False)  # no zero gradient for the non-differentiable output
+        ctx.save_for_backward(grad_gates)
 
-    def backward_formula(ctx, grad_loss, _grad_sorted, _grad_index):
+    def backward_formula(ctx, grad_loss, _grad_of_grad_gates):
         if grad_loss is None:  # not materialised (see setup_context): the loss got no gradient
             return None, None, None, None, None, None, None, None
-        sorted_grad, sort_index = ctx.saved_tensors
-        grad = backward(grad_loss.to(sorted_grad.dtype), sorted_grad, sort_index)
-        return grad, None, None, None, None, None, None, None
+        (grad_gates,) = ctx.saved_tensors
+        return grad_loss.to(grad_gates.dtype) * grad_gates, None, None, None, None, None, None, None
 
     torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_fake(backward_op)(_fake_backward)
     torch.library.register_autograd(forward_op, backward_formula, setup_context=setup_context)
 
 
-register_variant("condkernels::batch_shaping_loss", "condkernels::_batch_shaping_loss_backward")
+register_variant("condkernels::batch_shaping_loss")

@@ -1,9 +1,10 @@
-"""Triton path of ``batch_shaping_loss``: registered as the custom ops
-``condkernels::batch_shaping_loss_triton`` / ``condkernels::_batch_shaping_loss_triton_backward``.
+"""Triton path of ``batch_shaping_loss``: registered as the custom op
+``condkernels::batch_shaping_loss_triton``.
 
 torch's segmented sort orders each gate's batch (stable: ties keep batch order, NaN last); one
-Triton kernel then evaluates the prior on every sorted value and writes the loss term, the
-gradient of the sorted position and its batch row in one pass. The backward is one scatter.
+Triton kernel then evaluates the prior on every sorted value and writes the loss term and the
+gradient of the sorted position at its value's batch row in one pass. The backward is a multiply
+by the incoming gradient (``condkernels/ops/batch_shaping.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ PRIOR_CODES = {"beta": 0, "gaussian": 1, "uniform": 2}
 
 
 @triton.jit
-def _sorted_terms_kernel(values_ptr, order_ptr, grad_ptr, index_ptr, terms_ptr, params_ptr, n, total,
+def _sorted_terms_kernel(values_ptr, order_ptr, grad_ptr, terms_ptr, params_ptr, n, total,
                          PRIOR: tl.constexpr, TOL: tl.constexpr, MAX: tl.constexpr, BLOCK: tl.constexpr):
     # float64 scalars come through memory: scalar float arguments would be float32
     p0 = tl.load(params_ptr + 0)
@@ -50,20 +51,20 @@ def _sorted_terms_kernel(values_ptr, order_ptr, grad_ptr, index_ptr, terms_ptr, 
         pdf = tl.where(v != v, v, pdf)
     residual = (position + 1).to(tl.float64) / (n + 1) - cdf
     clipped = tl.where(pdf < pdf_lo, pdf_lo, tl.where(pdf > pdf_hi, pdf_hi, pdf))
-    tl.store(grad_ptr + offs, (-2.0 * scale * residual * clipped).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(index_ptr + offs, tl.load(order_ptr + offs, mask=mask, other=0), mask=mask)
+    row = tl.load(order_ptr + offs, mask=mask, other=0)
+    tl.store(grad_ptr + (offs - position) + row, (-2.0 * scale * residual * clipped).to(grad_ptr.dtype.element_ty),
+             mask=mask)
     tl.store(terms_ptr + offs, residual * residual, mask=mask)
 
 
 @torch.library.custom_op("condkernels::batch_shaping_loss_triton", mutates_args=())
 def batch_shaping_loss_triton(gates: Tensor, prior: str, prior_a: float, prior_b: float, reduction: str,
-                              pdf_lo: float, pdf_hi: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                              pdf_lo: float, pdf_hi: float, eps: float) -> tuple[Tensor, Tensor]:
     n = gates.shape[0]
     columns = gates.reshape(n, -1).t().contiguous()  # (G, N): a gate's batch is contiguous
     g = columns.shape[0]
     values, order = torch.sort(columns, dim=1, stable=True)
     grad_t = torch.empty_like(columns)
-    index_t = torch.empty(columns.shape, dtype=torch.long, device=gates.device)
     terms = torch.empty(columns.shape, dtype=torch.float64, device=gates.device)
     scale = {"paper": 1.0 / n, "sum": 1.0, "mean": 1.0 / (n * g)}[reduction]
     lbeta = math.lgamma(prior_a) + math.lgamma(prior_b) - math.lgamma(prior_a + prior_b) if prior == "beta" else 0.0
@@ -71,24 +72,17 @@ def batch_shaping_loss_triton(gates: Tensor, prior: str, prior_a: float, prior_b
     params = torch.tensor([prior_a, prior_b, lbeta, scale, pdf_lo, pdf_hi, eps], dtype=torch.float64,
                           device=gates.device)
     _sorted_terms_kernel[(triton.cdiv(total, BLOCK),)](
-        values, order, grad_t, index_t, terms, params, n, total, PRIOR=PRIOR_CODES[prior], TOL=tolerance(gates.dtype), MAX=MAX_TERMS,
+        values, order, grad_t, terms, params, n, total, PRIOR=PRIOR_CODES[prior], TOL=tolerance(gates.dtype), MAX=MAX_TERMS,
         BLOCK=BLOCK,
     )
     loss = (terms.sum() * scale).to(gates.dtype)
-    return loss, grad_t.t().contiguous().view(gates.shape), index_t.t().contiguous().view(gates.shape)
-
-
-@torch.library.custom_op("condkernels::_batch_shaping_loss_triton_backward", mutates_args=())
-def _batch_shaping_loss_triton_backward(grad_loss: Tensor, sorted_grad: Tensor, sort_index: Tensor) -> Tensor:
-    n = sorted_grad.shape[0]
-    src = (grad_loss * sorted_grad).reshape(n, -1)
-    return torch.zeros_like(src).scatter_(0, sort_index.reshape(n, -1), src).view(sorted_grad.shape)
+    return loss, grad_t.t().contiguous().view(gates.shape)
 
 
 def _register() -> None:
     from ..ops.batch_shaping import register_variant
 
-    register_variant("condkernels::batch_shaping_loss_triton", "condkernels::_batch_shaping_loss_triton_backward")
+    register_variant("condkernels::batch_shaping_loss_triton")
 
 
 _register()

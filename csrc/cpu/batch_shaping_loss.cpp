@@ -1,10 +1,11 @@
-// CPU kernels of batch_shaping_loss and its backward.
+// CPU kernel of batch_shaping_loss.
 //
 // Gates arrive as (N, G) (dims 1.. flattened). Each task owns a run of gate columns and, per
-// column, does everything in cache: gather the N values, radix-sort them with their batch rows, evaluate
-// the prior's CDF and density on the sorted values, and write the loss of the column, the gradient
-// of every sorted position and its batch row. The backward is then a single scatter.
-// With few columns and a large batch the work is split inside each column instead.
+// column, does everything in cache: gather the N values, radix-sort them with their batch rows,
+// evaluate the prior's CDF and density on the sorted values, and write the loss of the column and
+// the gradient of every sorted position at its value's batch row. The backward (a multiply by the
+// incoming gradient) needs no kernel. With few columns and a large batch the work is split inside
+// each column instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -153,19 +154,19 @@ struct ColumnSorter {
     }
   }
 
-  // Sorts the `width` (<= kTile) columns of the row-major (n, width) block x.
-  void sort(const scalar_t* x, int64_t n, int64_t width) {
+  // Sorts the `width` (<= kTile) columns of the (n, width) block x whose rows are `ld` apart.
+  void sort(const scalar_t* x, int64_t n, int64_t width, int64_t ld) {
     item_buf.resize(n * width);
     item_tmp_buf.resize(n * width);
     if constexpr (kPacked) {
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c = 0; c < width; ++c)
-          item_buf[c * n + i] = (uint64_t{key_of(x[i * width + c])} << 32) | static_cast<uint32_t>(i);
+          item_buf[c * n + i] = (uint64_t{key_of(x[i * ld + c])} << 32) | static_cast<uint32_t>(i);
     } else {
       row_buf.resize(n * width);
       row_tmp_buf.resize(n * width);
       for (int64_t i = 0; i < n; ++i)
-        for (int64_t c = 0; c < width; ++c) item_buf[c * n + i] = key_of(x[i * width + c]);
+        for (int64_t c = 0; c < width; ++c) item_buf[c * n + i] = key_of(x[i * ld + c]);
       for (int64_t c = 0; c < width; ++c)
         for (int64_t i = 0; i < n; ++i) row_buf[c * n + i] = static_cast<int32_t>(i);
     }
@@ -212,13 +213,13 @@ struct ColumnSorter {
 };
 
 // Evaluates sorted positions [begin, end) of one column (`sorted` holds the column's values in
-// sorted order, `order` their batch rows): writes their gradient (times the reduction's scale) and
-// batch row to grad_out[i * stride] / index_out[i * stride], returns their unscaled sum of squared
+// sorted order, `order` their batch rows): writes their gradient (times the reduction's scale) at
+// their batch rows, grad_out[order[i] * stride], and returns their unscaled sum of squared
 // residuals. `table`, when given, replaces the beta prior's continued fraction.
 template <typename scalar_t>
 double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* table,
                        const double* sorted, const int32_t* order, int64_t begin, int64_t end,
-                       scalar_t* grad_out, int64_t* index_out, int64_t stride) {
+                       scalar_t* grad_out, int64_t stride) {
   const int64_t n = args.batch;
   const double scale = args.scale(), inv_np1 = 1.0 / static_cast<double>(n + 1);
   const double tol = beta_math::cf_tolerance<scalar_t>();
@@ -258,28 +259,25 @@ double evaluate_sorted(const BatchShapingArgs& args, const cpu::BetaCfTable* tab
       const auto term = beta_math::loss_term(static_cast<double>(i + 1) * inv_np1, {cdf[k], pdf[k]},
                                              args.pdf_lo, args.pdf_hi);
       loss += term.loss;
-      grad_out[i * stride] = static_cast<scalar_t>(scale * term.grad);
-      index_out[i * stride] = order[i];
+      grad_out[order[i] * stride] = static_cast<scalar_t>(scale * term.grad);
     }
   }
   return loss;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
+std::tuple<at::Tensor, at::Tensor> batch_shaping_loss_cpu(
     const at::Tensor& gates_in, c10::string_view prior, double prior_a, double prior_b,
     c10::string_view reduction, double pdf_lo, double pdf_hi, double eps) {
   const BatchShapingArgs args = check_batch_shaping_loss_args(gates_in, prior, prior_a, prior_b,
                                                               reduction, pdf_lo, pdf_hi, eps);
   const auto gates = gates_in.contiguous();
-  auto sorted_grad = at::empty_like(gates, at::MemoryFormat::Contiguous);
-  auto sort_index = at::empty(gates.sizes(), gates.options().dtype(at::kLong));
+  auto grad_gates = at::empty_like(gates, at::MemoryFormat::Contiguous);
   const int64_t n = args.batch, g = args.gates;
   std::vector<double> column_loss(g, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "batch_shaping_loss_cpu", [&] {
     const scalar_t* x = gates.const_data_ptr<scalar_t>();
-    scalar_t* grad = sorted_grad.mutable_data_ptr<scalar_t>();
-    int64_t* index = sort_index.mutable_data_ptr<int64_t>();
+    scalar_t* grad = grad_gates.mutable_data_ptr<scalar_t>();
     const bool split_columns = n >= kLargeBatch && g < 2 * at::get_num_threads();
     // Many values: the beta prior's continued fraction through a per-(a, b) table.
     const auto table = args.prior == Prior::kBeta && n * g >= cpu::kTableMinValues
@@ -288,41 +286,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
     if (!split_columns) {
       // Tiles of kTile neighbouring columns per step: rows of the tile are read and written as
       // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
-      // puts every access in the same cache set.)
+      // puts every access in the same cache set.) The gradients are scattered to their batch rows
+      // within the tile's own buffer, in cache, and copied out row by row.
       const int64_t tiles = (g + kTile - 1) / kTile;
       const int64_t grain = std::max<int64_t>(1, 4096 / (n * kTile));
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> tile(n * kTile);
         std::vector<double> sorted(n);
         std::vector<int32_t> order(n);
         std::vector<scalar_t> tile_grad(n * kTile);
-        std::vector<int64_t> tile_index(n * kTile);
         ColumnSorter<scalar_t> sorter;
         for (int64_t t = begin; t < end; ++t) {
           const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
-          for (int64_t i = 0; i < n; ++i) std::copy_n(x + i * g + j0, width, tile.data() + i * width);
-          sorter.sort(tile.data(), n, width);
+          sorter.sort(x + j0, n, width, g);
           for (int64_t c = 0; c < width; ++c) {
             sorter.column(c, n, sorted.data(), order.data());
-            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(),
-                                                            order.data(), 0, n, tile_grad.data() + c,
-                                                            tile_index.data() + c, width);
+            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(), order.data(),
+                                                            0, n, tile_grad.data() + c, width);
           }
-          for (int64_t i = 0; i < n; ++i) {
-            std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
-            std::copy_n(tile_index.data() + i * width, width, index + i * g + j0);
-          }
+          for (int64_t i = 0; i < n; ++i) std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
         }
       });
     } else {
       // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
-      std::vector<scalar_t> column(n);
       std::vector<double> sorted(n);
       std::vector<int32_t> order_buf(n);
       ColumnSorter<scalar_t> sorter;
       for (int64_t j = 0; j < g; ++j) {
-        for (int64_t i = 0; i < n; ++i) column[i] = x[i * g + j];
-        sorter.sort(column.data(), n, 1);
+        sorter.sort(x + j, n, 1, g);
         sorter.column(0, n, sorted.data(), order_buf.data());
         const int32_t* order = order_buf.data();
         const int64_t blocks = (n + kChunk * 8 - 1) / (kChunk * 8);
@@ -331,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
           for (int64_t blk = b0; blk < b1; ++blk) {
             const int64_t lo = blk * kChunk * 8, hi = std::min(n, lo + kChunk * 8);
             partial[blk] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(), order,
-                                                     lo, hi, grad + j, index + j, g);
+                                                     lo, hi, grad + j, g);
           }
         });
         double s = 0.0;
@@ -343,45 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cpu(
   double total = 0.0;
   for (double l : column_loss) total += l;
   auto loss = at::scalar_tensor(total * args.scale(), gates.options());
-  return {loss, sorted_grad, sort_index};
-}
-
-at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& sorted_grad_in,
-                                           const at::Tensor& sort_index_in) {
-  check_batch_shaping_loss_backward_args(grad_loss, sorted_grad_in, sort_index_in);
-  const auto sorted_grad = sorted_grad_in.contiguous();
-  const auto sort_index = sort_index_in.contiguous();
-  // Every element is written: the tiles are zero-filled, so a sort_index that is not a permutation
-  // cannot leave memory uninitialised.
-  auto grad_gates = at::empty_like(sorted_grad, at::MemoryFormat::Contiguous);
-  const int64_t n = sorted_grad.size(0), g = sorted_grad.numel() / std::max<int64_t>(n, 1);
-  if (sorted_grad.numel() == 0) return grad_gates;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sorted_grad.scalar_type(), "batch_shaping_loss_backward_cpu", [&] {
-    const double upstream = grad_loss.item<double>();
-    const scalar_t* src = sorted_grad.const_data_ptr<scalar_t>();
-    const int64_t* rows = sort_index.const_data_ptr<int64_t>();
-    scalar_t* dst = grad_gates.mutable_data_ptr<scalar_t>();
-    // Tiles of kTile columns, as in the forward: reads and writes of a row of the tile are
-    // contiguous, the scatter itself lands in a small buffer.
-    const int64_t tiles = (g + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / (n * kTile)), [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> tile(n * kTile);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
-        std::fill(tile.begin(), tile.end(), scalar_t(0));
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t c = 0; c < width; ++c) {
-            const int64_t row = rows[i * g + j0 + c];
-            TORCH_CHECK(row >= 0 && row < n, "_batch_shaping_loss_backward: sort_index holds row ", row,
-                        " outside [0, ", n, ")");
-            tile[row * width + c] = static_cast<scalar_t>(upstream * static_cast<double>(src[i * g + j0 + c]));
-          }
-        }
-        for (int64_t r = 0; r < n; ++r) std::copy_n(tile.data() + r * width, width, dst + r * g + j0);
-      }
-    });
-  });
-  return grad_gates;
+  return {loss, grad_gates};
 }
 
 }  // namespace
@@ -389,5 +341,4 @@ at::Tensor batch_shaping_loss_backward_cpu(const at::Tensor& grad_loss, const at
 
 TORCH_LIBRARY_IMPL(condkernels, CPU, m) {
   m.impl("batch_shaping_loss", &condkernels::batch_shaping_loss_cpu);
-  m.impl("_batch_shaping_loss_backward", &condkernels::batch_shaping_loss_backward_cpu);
 }

@@ -1,11 +1,12 @@
-// CUDA kernels of batch_shaping_loss and its backward.
+// CUDA kernels of batch_shaping_loss.
 //
 // The gates are transposed to (G, N) so that a gate's batch is contiguous. Up to kMaxFusedBatch
 // examples, one block owns one gate column and does everything in shared memory: a bitonic sort of
 // (value key, batch row) pairs, then one thread per sorted position evaluates the prior (the math
-// of common/beta_cdf_math.h), writes its gradient and row, and the block reduces the column's loss.
-// Larger batches sort with torch's segmented sort and evaluate the sorted values elementwise.
-// The backward is one scatter through the saved rows.
+// of common/beta_cdf_math.h) and writes its gradient at its value's batch row, and the block reduces
+// the column's loss. Larger batches sort with torch's segmented sort and evaluate the sorted values
+// elementwise, scattering the same way. The backward, a multiply by the incoming gradient, needs no
+// kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -40,24 +41,23 @@ __device__ __forceinline__ uint64_t sort_key(scalar_t v) {
   }
 }
 
-// Loss of sorted position i (0-based) of a column of n values; writes its gradient and row.
+// Loss of sorted position i (0-based) of a column of n values; writes its gradient to *grad_out
+// (the value's batch row of the column).
 template <typename scalar_t>
 __device__ __forceinline__ double sorted_term(const LossParams& lp, double value, int64_t i,
-                                              int64_t n, int64_t row, scalar_t* grad_out,
-                                              int64_t* index_out) {
+                                              int64_t n, scalar_t* grad_out) {
   const double x = lp.clamp ? beta_math::clamp_unit(value, lp.eps) : value;
   const auto f = beta_math::prior_cdf_pdf(lp.prior, x, lp.p0, lp.p1, lp.lbeta, lp.tol);
   const auto term = beta_math::loss_term(static_cast<double>(i + 1) / static_cast<double>(n + 1), f,
                                          lp.pdf_lo, lp.pdf_hi);
   *grad_out = static_cast<scalar_t>(lp.scale * term.grad);
-  *index_out = row;
   return term.loss;
 }
 
 template <typename scalar_t>
 __global__ void fused_column_kernel(const scalar_t* __restrict__ gates_t, int64_t n, int padded,
                                     LossParams lp, scalar_t* __restrict__ grad_t,
-                                    int64_t* __restrict__ index_t, double* __restrict__ column_loss) {
+                                    double* __restrict__ column_loss) {
   extern __shared__ unsigned char shared[];
   uint64_t* keys = reinterpret_cast<uint64_t*>(shared);
   int32_t* rows = reinterpret_cast<int32_t*>(keys + padded);
@@ -88,8 +88,7 @@ __global__ void fused_column_kernel(const scalar_t* __restrict__ gates_t, int64_
   double loss = 0.0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int32_t row = rows[i];
-    loss += sorted_term(lp, static_cast<double>(x[row]), i, n, row, grad_t + column * n + i,
-                        index_t + column * n + i);
+    loss += sorted_term(lp, static_cast<double>(x[row]), i, n, grad_t + column * n + row);
   }
   __syncthreads();  // every thread has read keys/rows: their memory becomes the reduction buffer
   partial[threadIdx.x] = loss;
@@ -105,26 +104,12 @@ template <typename scalar_t>
 __global__ void sorted_values_kernel(const scalar_t* __restrict__ values_t,
                                      const int64_t* __restrict__ order_t, int64_t n, int64_t total,
                                      LossParams lp, scalar_t* __restrict__ grad_t,
-                                     int64_t* __restrict__ index_t, double* __restrict__ terms) {
+                                     double* __restrict__ terms) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    terms[e] = sorted_term(lp, static_cast<double>(values_t[e]), e % n, n, order_t[e], grad_t + e,
-                           index_t + e);
-  }
-}
-
-template <typename scalar_t>
-__global__ void scatter_backward_kernel(const scalar_t* __restrict__ grad_loss,
-                                        const scalar_t* __restrict__ sorted_grad,
-                                        const int64_t* __restrict__ sort_index, int64_t gates,
-                                        int64_t total, scalar_t* __restrict__ out) {
-  const double upstream = static_cast<double>(grad_loss[0]);
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = sort_index[e];
-    const int64_t total_rows = total / gates;
-    if (row < 0 || row >= total_rows) continue;  // not a permutation: leave the zero
-    out[row * gates + e % gates] = static_cast<scalar_t>(upstream * static_cast<double>(sorted_grad[e]));
+    const int64_t column_start = e - e % n;
+    terms[e] = sorted_term(lp, static_cast<double>(values_t[e]), e % n, n,
+                           grad_t + column_start + order_t[e]);
   }
 }
 
@@ -133,7 +118,7 @@ int grid_for(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cuda(
+std::tuple<at::Tensor, at::Tensor> batch_shaping_loss_cuda(
     const at::Tensor& gates, c10::string_view prior, double prior_a, double prior_b,
     c10::string_view reduction, double pdf_lo, double pdf_hi, double eps) {
   const BatchShapingArgs args = check_batch_shaping_loss_args(gates, prior, prior_a, prior_b,
@@ -142,7 +127,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cuda(
   const int64_t n = args.batch, g = args.gates;
   const auto gates_t = gates.reshape({n, g}).t().contiguous();  // (G, N): a gate's batch is contiguous
   auto grad_t = at::empty({g, n}, gates.options());
-  auto index_t = at::empty({g, n}, gates.options().dtype(at::kLong));
   LossParams lp{args.prior, args.prior_a, args.prior_b,
                 args.clamps() ? beta_math::log_beta(args.prior_a, args.prior_b) : 0.0, 0.0,
                 args.scale(), args.pdf_lo, args.pdf_hi, args.eps, args.clamps()};
@@ -159,42 +143,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_shaping_loss_cuda(
       column_loss = at::empty({g}, gates.options().dtype(at::kDouble));
       fused_column_kernel<scalar_t><<<g, threads, shared, stream>>>(
           gates_t.const_data_ptr<scalar_t>(), n, padded, lp, grad_t.mutable_data_ptr<scalar_t>(),
-          index_t.mutable_data_ptr<int64_t>(), column_loss.mutable_data_ptr<double>());
+          column_loss.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const auto [values_t, order_t] = at::sort(gates_t, /*stable=*/true, /*dim=*/1, /*descending=*/false);
       auto terms = at::empty({g, n}, gates.options().dtype(at::kDouble));
       sorted_values_kernel<scalar_t><<<grid_for(g * n), kThreads, 0, stream>>>(
           values_t.const_data_ptr<scalar_t>(), order_t.const_data_ptr<int64_t>(), n, g * n, lp,
-          grad_t.mutable_data_ptr<scalar_t>(), index_t.mutable_data_ptr<int64_t>(),
-          terms.mutable_data_ptr<double>());
+          grad_t.mutable_data_ptr<scalar_t>(), terms.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       column_loss = terms.sum(1);
     }
   });
   auto loss = (column_loss.sum() * args.scale()).to(gates.scalar_type());
-  return {loss, grad_t.t().contiguous().view(gates.sizes()),
-          index_t.t().contiguous().view(gates.sizes())};
-}
-
-at::Tensor batch_shaping_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& sorted_grad_in,
-                                            const at::Tensor& sort_index_in) {
-  check_batch_shaping_loss_backward_args(grad_loss, sorted_grad_in, sort_index_in);
-  const c10::cuda::CUDAGuard guard(sorted_grad_in.device());
-  const auto sorted_grad = sorted_grad_in.contiguous();
-  const auto sort_index = sort_index_in.contiguous();
-  const auto upstream = grad_loss.reshape({1}).contiguous();
-  auto out = at::zeros_like(sorted_grad, at::MemoryFormat::Contiguous);
-  const int64_t total = sorted_grad.numel();
-  if (total == 0) return out;
-  const int64_t gates = total / sorted_grad.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sorted_grad.scalar_type(), "batch_shaping_loss_backward_cuda", [&] {
-    scatter_backward_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        upstream.const_data_ptr<scalar_t>(), sorted_grad.const_data_ptr<scalar_t>(),
-        sort_index.const_data_ptr<int64_t>(), gates, total, out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+  return {loss, grad_t.t().contiguous().view(gates.sizes())};
 }
 
 }  // namespace
@@ -202,5 +164,4 @@ at::Tensor batch_shaping_loss_backward_cuda(const at::Tensor& grad_loss, const a
 
 TORCH_LIBRARY_IMPL(condkernels, CUDA, m) {
   m.impl("batch_shaping_loss", &condkernels::batch_shaping_loss_cuda);
-  m.impl("_batch_shaping_loss_backward", &condkernels::batch_shaping_loss_backward_cuda);
 }

@@ -72,41 +72,13 @@ BatchShapingArgs check_batch_shaping_loss_args(const at::Tensor& gates, c10::str
   return args;
 }
 
-void check_batch_shaping_loss_backward_args(const at::Tensor& grad_loss,
-                                            const at::Tensor& sorted_grad,
-                                            const at::Tensor& sort_index) {
-  TORCH_CHECK(grad_loss.numel() == 1,
-              "_batch_shaping_loss_backward: grad_loss must hold one value, got shape ",
-              grad_loss.sizes());
-  TORCH_CHECK(sorted_grad.sizes() == sort_index.sizes(),
-              "_batch_shaping_loss_backward: sorted_grad ", sorted_grad.sizes(),
-              " and sort_index ", sort_index.sizes(), " must have the same shape");
-  TORCH_CHECK(sorted_grad.dim() >= 1 && sorted_grad.size(0) >= 1,
-              "_batch_shaping_loss_backward: sorted_grad must have a batch dimension");
-  TORCH_CHECK(sort_index.scalar_type() == at::kLong,
-              "_batch_shaping_loss_backward: sort_index must be int64, got ",
-              sort_index.scalar_type());
-  TORCH_CHECK(grad_loss.scalar_type() == sorted_grad.scalar_type(),
-              "_batch_shaping_loss_backward: grad_loss has dtype ", grad_loss.scalar_type(),
-              " but sorted_grad has ", sorted_grad.scalar_type());
-  TORCH_CHECK(grad_loss.device() == sorted_grad.device() &&
-                  sort_index.device() == sorted_grad.device(),
-              "_batch_shaping_loss_backward: grad_loss, sorted_grad and sort_index must be on one "
-              "device");
-}
-
 }  // namespace condkernels
 
 TORCH_LIBRARY_FRAGMENT(condkernels, m) {
   // prior_a, prior_b: (alpha, beta) for "beta", (mean, std) for "gaussian", (low, high) for
-  // "uniform". Outputs: the loss (0-d), and what the backward needs: sorted_grad[i, g] is
-  // d loss / d (i-th smallest value of gate g) and sort_index[i, g] the batch row it came from
-  // (both shaped like gates).
+  // "uniform". Outputs: the loss (0-d) and grad_gates = d loss / d gates, already put back at each
+  // value's own batch row (shaped like gates); the backward is grad_loss * grad_gates.
   m.def(
       "batch_shaping_loss(Tensor gates, str prior, float prior_a, float prior_b, str reduction, "
-      "float pdf_lo, float pdf_hi, float eps) -> (Tensor loss, Tensor sorted_grad, Tensor sort_index)");
-  // grad_gates[sort_index[i, g], g] = grad_loss * sorted_grad[i, g].
-  m.def(
-      "_batch_shaping_loss_backward(Tensor grad_loss, Tensor sorted_grad, Tensor sort_index) "
-      "-> Tensor");
+      "float pdf_lo, float pdf_hi, float eps) -> (Tensor loss, Tensor grad_gates)");
 }

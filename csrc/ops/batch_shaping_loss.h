@@ -1,6 +1,8 @@
 // batch_shaping_loss: per gate, sort its N values over the batch and compare their prior CDF with
-// the targets i/(N+1) (eq. 2 of the batch-shaping paper); the backward puts each sorted position's
-// gradient back at the value's original batch row through the saved sort indices.
+// the targets i/(N+1) (eq. 2 of the batch-shaping paper). The forward also puts each sorted
+// position's gradient back at its value's own batch row (a scatter through the sort order while the
+// column is in cache), so the backward is one multiply by the incoming gradient and no sort
+// indices are kept.
 //
 // Math (shared by CPU and CUDA): csrc/common/beta_cdf_math.h. Schema:
 // csrc/ops/batch_shaping_loss.cpp. CPU kernels: csrc/cpu/batch_shaping_loss.cpp; CUDA kernels:
@@ -44,10 +46,5 @@ BatchShapingArgs check_batch_shaping_loss_args(const at::Tensor& gates, c10::str
                                                double prior_a, double prior_b,
                                                c10::string_view reduction, double pdf_lo,
                                                double pdf_hi, double eps);
-
-// Validates the saved tensors handed to _batch_shaping_loss_backward.
-void check_batch_shaping_loss_backward_args(const at::Tensor& grad_loss,
-                                            const at::Tensor& sorted_grad,
-                                            const at::Tensor& sort_index);
 
 }  // namespace condkernels
