@@ -79,6 +79,23 @@ MIX_GEMM = {
 }
 
 
+# One expert (not depthwise): the library convolution of the whole batch, scaled per example.
+SINGLE_EXPERT = {
+    "pointwise": (3, 8, 12, 1, 1, (5, 6), 1, True, (1, 1), (0, 0, 0, 0), (1, 1)),
+    "dense_k3_stride2_asym": (2, 4, 6, 1, 3, (8, 9), 1, True, (2, 2), (0, 1, 1, 0), (1, 1)),
+    "grouped_k5_dilation2": (2, 6, 9, 1, 5, (12, 11), 3, False, (1, 1), (4, 4, 4, 4), (2, 2)),
+    "batch1_rect_stride": (1, 5, 7, 1, 3, (7, 9), 1, True, (2, 1), (1, 0, 2, 1), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(SINGLE_EXPERT), ids=list(SINGLE_EXPERT))
+def test_single_expert_path(case, channels_last):
+    check_case(*SINGLE_EXPERT[case], channels_last=channels_last)
+    check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.float32, tol=1e-5)
+    check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.bfloat16, tol=4e-2)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(DEPTHWISE), ids=list(DEPTHWISE))
 def test_depthwise_direct_kernel(case, channels_last):
@@ -144,12 +161,13 @@ MASKS = [list(m) for m in itertools.product([False, True], repeat=4)]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3"])
+@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3", "single_expert"])
 def test_every_output_mask(family, bias):
     args = {
         "depthwise": (2, 4, 4, 3, 3, (6, 5), 4, bias, (1, 1), (1, 1, 1, 1), (1, 1)),
         "pointwise": (2, 4, 6, 3, 1, (5, 5), 1, bias, (1, 1), (0, 0, 0, 0), (1, 1)),
         "dense_k3": (2, 4, 6, 3, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
+        "single_expert": (2, 4, 6, 1, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
     }[family]
     batch, cin, cout, experts, k, hw, groups, _, stride, pad4, dilation = args
     x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, seed=5)

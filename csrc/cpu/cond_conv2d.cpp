@@ -1,8 +1,10 @@
 // CPU kernels of cond_conv2d, forward and backward.
 //
-// Three paths, chosen by shape:
+// Three paths (and a shortcut), chosen by shape:
 // - depthwise (groups == Cin == Cout): direct kernel (cpu/depthwise.h) that mixes each example's
 //   k x k filters where they are used and never materialises the mixed weights.
+// - a single expert (E = 1), not depthwise: the library's convolution of the whole batch, scaled per
+//   example (y_b = r[b] conv(x_b, W)).
 // - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
 //   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
 //   output channels are walked in tiles: one GEMM routing[chunk] @ W[:, tile] reads each expert tile
@@ -26,6 +28,7 @@
 
 #include "cpu/depthwise.h"
 #include "cpu/im2col.h"
+#include "cpu/library_conv.h"
 #include "cpu/mixing.h"
 #include "ops/cond_conv2d.h"
 
@@ -304,6 +307,58 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   return {grad_x, grad_routing, grad_weight, grad_bias};
 }
 
+// --- a single expert -----------------------------------------------------------------------------
+// With E = 1, W_b = r[b] W and y_b = r[b] (conv(x_b, W) + bias): one library convolution of the
+// whole batch, scaled per example, does the static layer's work plus one pass over y, where mix +
+// GEMM would write B scaled copies of W and run B narrow GEMMs. The backward is the static layer's
+// backward of r[b] dy_b, and dr[b] = <dy_b, conv(x_b, W) + bias> from one more convolution.
+
+std::optional<at::Tensor> first_expert_bias(const std::optional<at::Tensor>& bias) {
+  return bias ? std::optional<at::Tensor>((*bias)[0]) : std::nullopt;
+}
+
+at::Tensor static_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias) {
+  return at::conv2d(cpu::pad_if_asymmetric(x, g), weight[0], first_expert_bias(bias), {g.stride_h, g.stride_w},
+                    cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w}, g.groups);
+}
+
+at::Tensor forward_single_expert(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
+                                 const at::Tensor& routing, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias) {
+  at::Tensor y = static_conv(g, x, weight, bias).contiguous(format_of(channels_last));
+  return y.mul_(routing.view({g.batch, 1, 1, 1}));
+}
+
+Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at::Tensor& grad_out,
+                             const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
+  const at::MemoryFormat format = format_of(channels_last);
+  at::Tensor grad_x = x.new_empty({0}), grad_routing = x.new_empty({0});
+  at::Tensor grad_weight = x.new_empty({0}), grad_bias = x.new_empty({0});
+  if (mask[0] || mask[2] || mask[3]) {
+    const at::Tensor scaled = (grad_out * routing.view({g.batch, 1, 1, 1})).contiguous(format);
+    const std::vector<int64_t> bias_sizes{g.out_channels};
+    auto [gx, gw, gb] = at::convolution_backward(
+        scaled, cpu::pad_if_asymmetric(x, g), weight[0],
+        bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), {g.stride_h, g.stride_w},
+        cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w}, /*transposed=*/false, {0, 0}, g.groups,
+        {mask[0], mask[2], mask[3]});
+    if (mask[0]) {  // the padded input's gradient, cropped back to x
+      if (!cpu::has_symmetric_padding(g)) gx = gx.narrow(2, g.pad_h_begin, g.in_h).narrow(3, g.pad_w_begin, g.in_w);
+      grad_x = gx.contiguous(format);
+    }
+    if (mask[2]) grad_weight = gw.unsqueeze(0);
+    if (mask[3]) grad_bias = gb.unsqueeze(0);
+  }
+  if (mask[1]) {
+    const auto acc_type = at::toOpMathType(x.scalar_type());
+    const at::Tensor y0 = static_conv(g, x, weight, bias);
+    grad_routing = (grad_out.to(acc_type) * y0.to(acc_type)).sum({1, 2, 3}).unsqueeze(1).to(x.scalar_type());
+  }
+  return {grad_x, grad_routing, grad_weight, grad_bias};
+}
+
 // --- depthwise ------------------------------------------------------------------------------------
 
 at::Tensor forward_depthwise(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
@@ -371,6 +426,7 @@ at::Tensor cond_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& routing_in,
   const at::Tensor routing = routing_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   if (g.is_depthwise()) return forward_depthwise(g, channels_last, x, routing, weight, bias);
+  if (weight.size(0) == 1) return forward_single_expert(g, channels_last, x, routing, weight, bias);
   return forward_mix_gemm(g, channels_last, x, routing, weight, bias);
 }
 
@@ -402,6 +458,7 @@ Grads cond_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   const at::Tensor routing = routing_in.contiguous(), weight = weight_in.contiguous();
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   if (g.is_depthwise()) return backward_depthwise(g, channels_last, grad_out, x, routing, weight, bias, mask);
+  if (weight.size(0) == 1) return backward_single_expert(g, channels_last, grad_out, x, routing, weight, bias, mask);
   return backward_mix_gemm(g, channels_last, grad_out, x, routing, weight, bias, mask);
 }
 
