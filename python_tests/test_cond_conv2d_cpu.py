@@ -13,6 +13,7 @@ from test_cond_conv2d import make_inputs, per_example_oracle
 OP = torch.ops.condkernels.cond_conv2d.default
 BACKWARD = torch.ops.condkernels._cond_conv2d_backward.default
 TILING_ENV = "CONDKERNELS_COND_CONV2D_CPU_TILING"
+FUSED_ENV = "CONDKERNELS_COND_CONV2D_CPU_FUSED"
 
 
 def oracle_with_grads(x, r, w, b, stride, pad4, dilation, groups, grad_out):
@@ -94,6 +95,35 @@ def test_single_expert_path(case, channels_last):
     check_case(*SINGLE_EXPERT[case], channels_last=channels_last)
     check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.float32, tol=1e-5)
     check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.bfloat16, tol=4e-2)
+
+
+# The fused small-plane forward (cpu/fused_mix_gemm.h; float32, NCHW, one group, AVX-512 CPUs):
+# output channels not a multiple of its 16- and 64-channel blocks, reductions not a multiple of its
+# 16-row transposes or 32-row panels, pixel counts that split into blocks of 1 to 6, batches not a
+# multiple of the 4 examples mixed together, many experts.
+FUSED = {
+    "k3_odd_everything": (3, 5, 70, 3, 3, (5, 7), True, (1, 1), (1, 1, 1, 1)),
+    "k3_stride2_asym": (5, 7, 17, 4, 3, (9, 8), False, (2, 2), (0, 1, 1, 0)),
+    "pointwise_direct": (6, 40, 64, 8, 1, (7, 7), True, (1, 1), (0, 0, 0, 0)),
+    "one_pixel": (2, 16, 20, 2, 3, (1, 1), True, (1, 1), (1, 1, 1, 1)),
+    "many_experts_long_reduction": (4, 33, 65, 24, 3, (4, 4), True, (1, 1), (1, 1, 1, 1)),
+    "batch1": (1, 9, 31, 5, 3, (6, 6), True, (1, 1), (1, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
+def test_fused_small_plane_forward(case, monkeypatch):
+    batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
+    args = (batch, cin, cout, experts, k, hw, 1, bias, stride, pad, (1, 1))
+    x, r, w, b = make_inputs(*args[:8], dtype=torch.float32, seed=7)
+    x[0, 0, 0, 0] = 1e3  # one large input: an error in any block would show against the oracle's scale
+    want = per_example_oracle(x.double(), r.double(), w.double(), None if b is None else b.double(), stride, pad,
+                              (1, 1), 1)
+    for policy in ("1", "0"):  # the fused kernel, then mix + GEMM on the same inputs
+        monkeypatch.setenv(FUSED_ENV, policy)
+        y = OP(x, r, w, b, list(stride), list(pad), [1, 1], 1)
+        err = (y.double() - want).abs().max().item()
+        assert err <= 2e-5 * want.abs().max().item(), (policy, err)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

@@ -5,6 +5,9 @@
 //   k x k filters where they are used and never materialises the mixed weights.
 // - a single expert (E = 1), not depthwise: the library's convolution of the whole batch, scaled per
 //   example (y_b = r[b] conv(x_b, W)).
+// - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512): the forward
+//   mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
+//   cpu/fused_mix_gemm.h.
 // - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
 //   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
 //   output channels are walked in tiles: one GEMM routing[chunk] @ W[:, tile] reads each expert tile
@@ -27,6 +30,7 @@
 #include <cstring>
 
 #include "cpu/depthwise.h"
+#include "cpu/fused_mix_gemm.h"
 #include "cpu/im2col.h"
 #include "cpu/library_conv.h"
 #include "cpu/mixing.h"
@@ -152,6 +156,18 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
   return mixed.view({n, T, Kg});
 }
 
+// Whether the forward runs through cpu/fused_mix_gemm.h: float32, NCHW, one group, an AVX-512 CPU,
+// and the sizes where it measured faster (see there). CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns it
+// off, =1 takes it whenever it can run (for the benchmark and the tests).
+bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts) {
+  namespace fused = cpu::fused_mix_gemm;
+  if (x.scalar_type() != at::kFloat || channels_last || g.groups != 1 || !fused::available()) return false;
+  const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  return g.out_h * g.out_w <= fused::kMaxPlane && g.batch >= fused::kMinBatch && experts <= fused::kMaxExperts;
+}
+
 at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
                             const at::Tensor& routing, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias) {
@@ -166,10 +182,20 @@ at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at:
   at::Tensor y_rows = as_example_matrices(y, channels_last);
   const std::optional<at::Tensor> mixed_bias =
       bias ? std::optional<at::Tensor>(at::mm(routing, *bias)) : std::nullopt;
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E);
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
     const int64_t n = std::min(tiling.chunk, g.batch - b0);
     const at::Tensor cols = example_columns(g, channels_last, direct_input, x, b0, n);
+    if (fused) {
+      const cpu::fused_mix_gemm::Problem problem{
+          cols.const_data_ptr<float>(), cols.stride(0), weight.const_data_ptr<float>(),
+          routing.const_data_ptr<float>() + b0 * E,
+          mixed_bias ? mixed_bias->const_data_ptr<float>() + b0 * g.out_channels : nullptr,
+          y.mutable_data_ptr<float>() + b0 * y.stride(0), y.stride(0), n, E, g.out_channels, Kg, P};
+      cpu::fused_mix_gemm::run(problem);
+      continue;
+    }
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
         const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
