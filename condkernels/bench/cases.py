@@ -38,6 +38,7 @@ class Config:
     rounds: int
     round_s: float
     skip_s: Optional[float]  # a competitor expected to take longer per call is not timed
+    paths: bool = False  # also time the CPU kernels with each internal path forced (threshold studies)
 
 
 @dataclass

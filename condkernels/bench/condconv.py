@@ -24,6 +24,7 @@ from .results import (
 SUITE = "condconv"
 OP = "cond_conv2d"
 TILING_ENV = "CONDKERNELS_COND_CONV2D_CPU_TILING"
+FUSED_ENV = "CONDKERNELS_COND_CONV2D_CPU_FUSED"
 
 # key: (label, Cin, Cout, groups, k, H=W, stride, padding)
 SHAPES = {
@@ -57,19 +58,21 @@ def _functions(cfg) -> dict:
            GROUPED: competitors.cond_grouped, LOOP: competitors.cond_loop}
     for backend in competitors.own_backends(cfg.device):
         fns[ours(backend)] = competitors.with_backend(condkernels.cond_conv2d, backend)
-    if cfg.full and cfg.device.type == "cpu":  # the tile study of the mix + GEMM path
+    if cfg.paths and cfg.device.type == "cpu":  # the studies behind the CPU kernel's thresholds
         for policy in ("whole", "tiled"):
-            fns[ours("cpu", f"tiling={policy}")] = _with_tiling(fns[ours("cpu")], policy)
+            fns[ours("cpu", f"tiling={policy}")] = _with_env(fns[ours("cpu")], TILING_ENV, policy)
+        for policy in ("0", "1"):
+            fns[ours("cpu", f"fused={policy}")] = _with_env(fns[ours("cpu")], FUSED_ENV, policy)
     return fns
 
 
-def _with_tiling(fn, policy):
+def _with_env(fn, name, value):
     def call(*args, **kwargs):
-        os.environ[TILING_ENV] = policy
+        os.environ[name] = value
         try:
             return fn(*args, **kwargs)
         finally:
-            os.environ.pop(TILING_ENV, None)
+            os.environ.pop(name, None)
 
     return call
 

@@ -53,7 +53,7 @@ def _functions(cfg) -> dict:
            GROUPED: competitors.gated_grouped, LOOP: competitors.gated_loop}
     for backend in competitors.own_backends(cfg.device):
         fns[ours(backend)] = competitors.with_backend(condkernels.gated_conv2d, backend)
-    if cfg.full and cfg.device.type == "cpu":  # the per-example compacted path at every density
+    if cfg.paths and cfg.device.type == "cpu":  # the per-example compacted path at every density
         fns[ours("cpu", "compacted")] = _compacted(fns[ours("cpu")])
     return fns
 

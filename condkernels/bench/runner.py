@@ -28,6 +28,10 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
     p.add_argument("--filter", default="", metavar="SUBSTRING", help="only the cases whose name contains it")
+    p.add_argument("--paths", action="store_true",
+                   help="also time the CPU kernels with each of their paths forced (cond_conv2d's mixing "
+                        "tiles and fused small-plane kernel, gated_conv2d's compacted path): the studies "
+                        "behind their thresholds")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 5, 9 with --full)")
     p.add_argument("--out", default="docs", help="where results/, figures/ and benchmarks.md go (default docs/)")
     p.add_argument("--no-report", action="store_true", help="print the table only; write nothing")
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (9 if args.full else 5)
     cfg = Config(device=device, dtype=DTYPES[args.dtype], full=args.full, rounds=rounds,
-                 round_s=0.05 if args.full else 0.02, skip_s=3.0 if args.full else 0.25)
+                 round_s=0.05 if args.full else 0.02, skip_s=3.0 if args.full else 0.25, paths=args.paths)
     suites = args.suite or list(SUITES)
     cases = [c for s in suites for c in SUITES[s].cases(cfg) if args.filter in c.name]
     if args.list:
