@@ -239,15 +239,34 @@ inline float* aligned_scratch(std::vector<float>& buf, int64_t n) {
   return reinterpret_cast<float*>(at);
 }
 
-// Runs the whole problem, output-channel blocks in parallel.
+// The examples [b0, b0 + n) of a problem, as a problem of their own.
+inline Problem examples_of(const Problem& pb, int64_t b0, int64_t n) {
+  Problem part = pb;
+  part.cols += b0 * pb.cols_stride;
+  part.routing += b0 * pb.experts;
+  if (part.bias) part.bias += b0 * pb.out_channels;
+  part.y += b0 * pb.y_stride;
+  part.batch = n;
+  return part;
+}
+
+// Runs the whole problem: tasks of one output-channel block and a run of examples, in parallel.
+// The examples are split only when there are fewer blocks than threads (each run of examples
+// stages the experts' pieces again).
 inline void run(const Problem& pb) {
   const int64_t blocks = (pb.out_channels + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t runs = std::min<int64_t>(pb.batch, (at::get_num_threads() + blocks - 1) / blocks);
+  const int64_t run_size = (pb.batch + runs - 1) / runs;
+  at::parallel_for(0, blocks * runs, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> staged_buf, panel_buf, acc_buf;
     float* staged = aligned_scratch(staged_buf, pb.experts * staged_rows(pb.experts) * kBlock);
     float* panels = aligned_scratch(panel_buf, kMixGroup * kKc * kBlock);
-    float* acc = aligned_scratch(acc_buf, pb.batch * pb.pixels * kBlock);
-    for (int64_t blk = begin; blk < end; ++blk) run_block(pb, blk * kBlock, staged, panels, acc);
+    float* acc = aligned_scratch(acc_buf, run_size * pb.pixels * kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = task / runs, b0 = (task % runs) * run_size;
+      if (b0 >= pb.batch) continue;
+      run_block(examples_of(pb, b0, std::min(run_size, pb.batch - b0)), blk * kBlock, staged, panels, acc);
+    }
   });
 }
 
