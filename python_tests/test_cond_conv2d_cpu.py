@@ -191,13 +191,14 @@ MASKS = [list(m) for m in itertools.product([False, True], repeat=4)]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3", "single_expert"])
+@pytest.mark.parametrize("family", ["depthwise", "pointwise", "dense_k3", "single_expert", "single_expert_batch1"])
 def test_every_output_mask(family, bias):
     args = {
         "depthwise": (2, 4, 4, 3, 3, (6, 5), 4, bias, (1, 1), (1, 1, 1, 1), (1, 1)),
         "pointwise": (2, 4, 6, 3, 1, (5, 5), 1, bias, (1, 1), (0, 0, 0, 0), (1, 1)),
         "dense_k3": (2, 4, 6, 3, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
         "single_expert": (2, 4, 6, 1, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
+        "single_expert_batch1": (1, 4, 6, 1, 3, (5, 6), 2, bias, (2, 1), (0, 1, 1, 1), (1, 1)),
     }[family]
     batch, cin, cout, experts, k, hw, groups, _, stride, pad4, dilation = args
     x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, seed=5)

@@ -337,7 +337,8 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
 // With E = 1, W_b = r[b] W and y_b = r[b] (conv(x_b, W) + bias): one library convolution of the
 // whole batch, scaled per example, does the static layer's work plus one pass over y, where mix +
 // GEMM would write B scaled copies of W and run B narrow GEMMs. The backward is the static layer's
-// backward of r[b] dy_b, and dr[b] = <dy_b, conv(x_b, W) + bias> from one more convolution.
+// backward of r[b] dy_b, and dr[b] = <dy_b, conv(x_b, W) + bias> from one more convolution (at
+// batch 1, <dW, W> + <db, bias> from the backward of dy itself).
 
 std::optional<at::Tensor> first_expert_bias(const std::optional<at::Tensor>& bias) {
   return bias ? std::optional<at::Tensor>((*bias)[0]) : std::nullopt;
@@ -360,28 +361,43 @@ Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at
                              const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
   const at::MemoryFormat format = format_of(channels_last);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor grad_x = x.new_empty({0}), grad_routing = x.new_empty({0});
   at::Tensor grad_weight = x.new_empty({0}), grad_bias = x.new_empty({0});
-  if (mask[0] || mask[2] || mask[3]) {
-    const at::Tensor scaled = (grad_out * routing.view({g.batch, 1, 1, 1})).contiguous(format);
+  const at::Tensor r = routing.view({g.batch, 1, 1, 1});
+  // One example: the static layer's backward of dy itself gives dr = <dW, W> + <db, bias> without
+  // another convolution, and every other gradient is r times its unscaled one.
+  const bool one_example = g.batch == 1;
+  const std::array<bool, 3> library_mask = one_example
+                                               ? std::array<bool, 3>{mask[0], mask[1] || mask[2], mask[1] || mask[3]}
+                                               : std::array<bool, 3>{mask[0], mask[2], mask[3]};
+  at::Tensor gx, gw, gb;
+  if (library_mask[0] || library_mask[1] || library_mask[2]) {
+    const at::Tensor dy = one_example ? grad_out : (grad_out * r).contiguous(format);
     const std::vector<int64_t> bias_sizes{g.out_channels};
-    auto [gx, gw, gb] = at::convolution_backward(
-        scaled, cpu::pad_if_asymmetric(x, g), weight[0],
+    std::tie(gx, gw, gb) = at::convolution_backward(
+        dy, cpu::pad_if_asymmetric(x, g), weight[0],
         bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), {g.stride_h, g.stride_w},
         cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w}, /*transposed=*/false, {0, 0}, g.groups,
-        {mask[0], mask[2], mask[3]});
-    if (mask[0]) {  // the padded input's gradient, cropped back to x
-      if (!cpu::has_symmetric_padding(g)) gx = gx.narrow(2, g.pad_h_begin, g.in_h).narrow(3, g.pad_w_begin, g.in_w);
-      grad_x = gx.contiguous(format);
-    }
-    if (mask[2]) grad_weight = gw.unsqueeze(0);
-    if (mask[3]) grad_bias = gb.unsqueeze(0);
+        library_mask);
   }
   if (mask[1]) {
-    const auto acc_type = at::toOpMathType(x.scalar_type());
-    const at::Tensor y0 = static_conv(g, x, weight, bias);
-    grad_routing = (grad_out.to(acc_type) * y0.to(acc_type)).sum({1, 2, 3}).unsqueeze(1).to(x.scalar_type());
+    if (one_example) {
+      at::Tensor dr = (gw.to(acc_type) * weight[0].to(acc_type)).sum();
+      if (bias) dr = dr + (gb.to(acc_type) * (*bias)[0].to(acc_type)).sum();
+      grad_routing = dr.reshape({1, 1}).to(x.scalar_type());
+    } else {  // dr[b] = <dy_b, conv(x_b, W) + bias>
+      const at::Tensor y0 = static_conv(g, x, weight, bias);
+      grad_routing = (grad_out.to(acc_type) * y0.to(acc_type)).sum({1, 2, 3}).unsqueeze(1).to(x.scalar_type());
+    }
   }
+  const at::Tensor scale = one_example ? routing.reshape({-1}).select(0, 0) : at::Tensor();  // 0-d
+  if (mask[0]) {  // the padded input's gradient, cropped back to x
+    if (!cpu::has_symmetric_padding(g)) gx = gx.narrow(2, g.pad_h_begin, g.in_h).narrow(3, g.pad_w_begin, g.in_w);
+    grad_x = (one_example ? gx * scale : gx).contiguous(format);
+  }
+  if (mask[2]) grad_weight = (one_example ? gw * scale : gw).unsqueeze(0);
+  if (mask[3] && bias) grad_bias = (one_example ? gb * scale : gb).unsqueeze(0);
   return {grad_x, grad_routing, grad_weight, grad_bias};
 }
 
