@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common/gated_channels.h"
+#include "cpu/indirect_gemm.h"
 #include "ops/gated_conv2d.h"
 
 namespace condkernels {
@@ -129,16 +130,20 @@ void parallel_rows(int64_t n, int64_t row_cost, const F& f) {
 }
 
 // cols[(i, kh, kw), (oh, ow)] = x[chans[i]] at the input pixel tap (kh, kw) of output (oh, ow) reads,
-// 0 in the padding. `xg` points at the group's first channel of one example.
+// 0 in the padding. `xg` points at the group's first channel of one example. Rows are `ld` apart
+// (positions when 0; the entries past positions are zeroed) and, with `scale` given, channel
+// chans[i]'s rows are multiplied by scale[chans[i]].
 template <typename T>
-void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeometry& g, T* cols) {
+void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeometry& g, T* cols,
+                     int64_t ld = 0, const T* scale = nullptr) {
   const int64_t kw_n = g.kernel_w, kk = g.kernel_h * g.kernel_w;
   const int64_t out_w = g.out_w, positions = g.out_h * g.out_w, in_w = g.in_w;
+  if (ld == 0) ld = positions;
   parallel_rows(n * kk, positions, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t kh = (r % kk) / kw_n, kw = r % kw_n;
       const T* src = xg + chans[r / kk] * g.in_h * in_w;
-      T* dst = cols + r * positions;
+      T* dst = cols + r * ld;
       const TapRange rows = valid_out_range(g.in_h, g.out_h, g.stride_h, g.pad_h_begin, kh * g.dilation_h);
       const TapRange cs = valid_out_range(in_w, out_w, g.stride_w, g.pad_w_begin, kw * g.dilation_w);
       std::fill(dst, dst + rows.begin * out_w, T(0));
@@ -154,7 +159,12 @@ void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeo
         }
         std::fill(d + cs.end, d + out_w, T(0));
       }
-      std::fill(dst + rows.end * out_w, dst + positions, T(0));
+      std::fill(dst + rows.end * out_w, dst + ld, T(0));
+      // Only the pixels read from the plane: the padding stays 0 whatever the scale (NaN included).
+      const T s = scale != nullptr ? scale[chans[r / kk]] : T(1);
+      if (s != T(1))
+        for (int64_t oh = rows.begin; oh < rows.end; ++oh)
+          for (int64_t ow = cs.begin; ow < cs.end; ++ow) dst[oh * out_w + ow] *= s;
     }
   });
 }
@@ -289,7 +299,8 @@ class ScratchPool {
     thread_local ScratchPool pool;
     return pool;
   }
-  static constexpr int kSlots = 9;
+  static constexpr int kSlots = 10;
+  static constexpr int kIndirectColsSlot = 9;  // the indirect forward's im2col of a run of examples
 
  private:
   static size_t round_up_bytes(size_t n) { return std::max<size_t>(64, (n + 63) / 64 * 64); }
@@ -449,6 +460,104 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
   }
 }
 
+// --- float32 forward through the indirect GEMM (cpu/indirect_gemm.h) -------------------------------
+
+// Output planes of at most this many pixels take the indirect GEMM for float32 (when the CPU has
+// AVX-512): measured against the oneDNN/MKL path on planes up to 14x14 (see kDenseAboveForward*).
+// CONDKERNELS_GATED_INDIRECT_POSITIONS overrides it (0: never) for measurements and tests.
+constexpr int64_t kIndirectMaxPositions = 256;
+
+int64_t indirect_max_positions() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_POSITIONS");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectMaxPositions;
+}
+
+bool use_indirect(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
+  return x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
+         g.out_h * g.out_w <= indirect_max_positions() &&
+         g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) && cpu::indirect_gemm_available();
+}
+
+// Examples are taken in runs whose im2col fits in about this many bytes, so that each thread's
+// share of the weight rows is read from memory once per run and the run's columns stay in cache.
+constexpr int64_t kIndirectRunBytes = int64_t(1) << 20;
+
+int64_t indirect_run_bytes() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_RUN_BYTES");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectRunBytes;
+}
+
+// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y. Per
+// run of examples: (1) each example's im2col of its open input channels (in_gate folded in), rows
+// padded to whole vectors, and the list of weight columns they meet; (2) threads split the output
+// channels, and each computes its open outputs of every example of the run with the indirect GEMM,
+// reading the weight rows in place (no gather, no reorder), writing y directly.
+void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
+                      const float* out_gate, const ConvGeometry& g, float* y) {
+  const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
+  const int64_t positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
+  const int64_t ld = round_up(positions, 16);
+  const float* x_p = x.data_ptr<float>();
+  const float* w_p = weight.data_ptr<float>();
+  std::vector<OpenChannels> ins(g.batch);
+  for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
+  const int64_t run_bytes = indirect_run_bytes();
+  ScratchPool& pool = ScratchPool::of_this_thread();
+  std::vector<int64_t> offset;  // each example's first column row in the run's buffer
+  std::vector<std::vector<int32_t>> widx(g.batch);
+  for (int64_t b0 = 0; b0 < g.batch;) {
+    // The run: at least one example, then as many as fit in run_bytes.
+    int64_t b1 = b0, rows = 0;
+    offset.clear();
+    do {
+      offset.push_back(rows);
+      rows += ins[b1].count(0) * kk;
+      ++b1;
+    } while (b1 < g.batch && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
+    float* cols = static_cast<float*>(pool.get(ScratchPool::kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
+    auto columns_of = [&](int64_t e0, int64_t e1) {
+      for (int64_t b = e0; b < e1; ++b) {
+        const int64_t n_in = ins[b].count(0);
+        const int64_t* list = ins[b].of(0);
+        im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
+                        in_gate ? in_gate + b * cin : nullptr);
+        std::vector<int32_t>& wi = widx[b];
+        wi.resize(n_in * kk);
+        for (int64_t i = 0; i < n_in; ++i)
+          for (int64_t t = 0; t < kk; ++t) wi[i * kk + t] = static_cast<int32_t>(list[i] * kk + t);
+      }
+    };
+    // A single example splits its im2col rows across the threads instead.
+    if (b1 - b0 == 1) columns_of(b0, b1);
+    else at::parallel_for(b0, b1, 1, columns_of);
+    at::parallel_for(0, cout, 16, [&](int64_t c0, int64_t c1) {
+      std::vector<const float*> w_rows;
+      std::vector<float*> dst;
+      std::vector<float> bias_v, scale_v;
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* og = out_gate ? out_gate + b * cout : nullptr;
+        float* y_b = y + b * cout * positions;
+        w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
+        for (int64_t c = c0; c < c1; ++c) {
+          if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
+            std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
+            continue;
+          }
+          w_rows.push_back(w_p + c * cin * kk);
+          dst.push_back(y_b + c * positions);
+          bias_v.push_back(bias ? bias[c] : 0.0f);
+          scale_v.push_back(og ? og[c] : 1.0f);
+        }
+        if (w_rows.empty()) continue;
+        const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                                    static_cast<int64_t>(w_rows.size())};
+        cpu::indirect_gemm(out, widx[b].data(), ins[b].count(0) * kk, cols + offset[b - b0] * ld, ld, positions);
+      }
+    });
+    b0 = b1;
+  }
+}
+
 at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
 
 // t * gate per channel, exactly 0 where the gate is closed (as the compacted path, which never
@@ -504,6 +613,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
+  }
+
+  if (use_indirect(x, g, with_ungated)) {
+    at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+    indirect_forward(x, weight, optional_data<float>(bias), optional_data<float>(in_gate),
+                     optional_data<float>(out_gate), g, y.data_ptr<float>());
+    return {y.contiguous(memory_format), at::Tensor()};
   }
 
   // One example, one group, no output gate: oneDNN's result, bias included, is y itself, with
