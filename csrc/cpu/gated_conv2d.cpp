@@ -502,9 +502,11 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   std::vector<OpenChannels> ins(g.batch);
   for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
   const int64_t run_bytes = indirect_run_bytes();
+  const char* chunk_env = std::getenv("CONDKERNELS_GATED_INDIRECT_ROW_CHUNK");
+  const int64_t row_chunk = chunk_env ? std::max<int64_t>(1, std::atoll(chunk_env)) : 48;
   ScratchPool& pool = ScratchPool::of_this_thread();
   std::vector<int64_t> offset;  // each example's first column row in the run's buffer
-  std::vector<std::vector<int32_t>> widx(g.batch);
+  std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
   for (int64_t b0 = 0; b0 < g.batch;) {
     // The run: at least one example, then as many as fit in run_bytes.
     int64_t b1 = b0, rows = 0;
@@ -521,10 +523,10 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
         const int64_t* list = ins[b].of(0);
         im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
                         in_gate ? in_gate + b * cin : nullptr);
-        std::vector<int32_t>& wi = widx[b];
-        wi.resize(n_in * kk);
-        for (int64_t i = 0; i < n_in; ++i)
-          for (int64_t t = 0; t < kk; ++t) wi[i * kk + t] = static_cast<int32_t>(list[i] * kk + t);
+        std::vector<int32_t>& offsets = chan[b];
+        offsets.resize(n_in);
+        for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
+
       }
     };
     // A single example splits its im2col rows across the threads instead.
@@ -534,11 +536,12 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
       std::vector<const float*> w_rows;
       std::vector<float*> dst;
       std::vector<float> bias_v, scale_v;
+      for (int64_t r0 = c0; r0 < c1; r0 += row_chunk)
       for (int64_t b = b0; b < b1; ++b) {
         const float* og = out_gate ? out_gate + b * cout : nullptr;
         float* y_b = y + b * cout * positions;
         w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
-        for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
           if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
             std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
             continue;
@@ -551,7 +554,8 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
         if (w_rows.empty()) continue;
         const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
                                     static_cast<int64_t>(w_rows.size())};
-        cpu::indirect_gemm(out, widx[b].data(), ins[b].count(0) * kk, cols + offset[b - b0] * ld, ld, positions);
+        const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
+        cpu::indirect_gemm(out, in, positions);
       }
     });
     b0 = b1;

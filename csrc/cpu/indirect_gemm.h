@@ -1,12 +1,12 @@
 // Indirect GEMM of gated_conv2d's float32 forward: each output row reads its weights in place,
 // through a list of column indices, so an example's open filters are never gathered or reordered.
 //
-//   dst_r[p] = (sum_k w_r[widx[k]] * cols[k * ld + p] + bias_r) * scale_r,   p < positions
+//   dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r
 //
-// w_r is one output channel's row of the (cout, cin * kh * kw) weight, widx lists the (open input
-// channel, tap) entries of that row in the order of the rows of `cols` (an example's im2col of its
-// open channels, rows `ld` floats apart, zero past `positions`). Registers hold a block of M output
-// rows x V vectors of 16 pixels; each k loads the V pixel vectors once and broadcasts one weight per
+// w_r is one output channel's row of the (cout, cin * kh * kw) weight, chan[i] = (i-th open input
+// channel) * kk, and cols is an example's im2col of its open channels (rows `ld` floats apart, zero
+// past the last pixel). Registers hold a block of M output
+// rows x V vectors of 16 pixels; each (channel, tap) loads the V pixel vectors once and broadcasts one weight per
 // row. Vectorising along the pixels (not the output channels) is what lets every row be any
 // channel of the weight as it lies in memory, and an out_gate simply skip rows. AVX-512 only, picked
 // at run time; callers keep another path for CPUs without it.
@@ -30,6 +30,15 @@ struct IndirectRows {
   int64_t count;
 };
 
+// One example's columns: chan[i] = (i-th open input channel) * kk; cols rows i * kk + t hold its tap
+// t, `ld` floats apart, zero past the last pixel.
+struct IndirectCols {
+  const int32_t* chan;
+  int64_t n_chan, kk;
+  const float* cols;
+  int64_t ld;
+};
+
 inline bool indirect_gemm_available() {
 #ifdef CONDKERNELS_INDIRECT_GEMM
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -46,12 +55,20 @@ constexpr int indirect_max_rows(int v) { return v == 4 ? 6 : 8; }
 
 #ifdef CONDKERNELS_INDIRECT_GEMM
 
-template <int M, int V>
-__attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const int32_t* widx,
-                                                              int64_t nk, const float* cols, int64_t ld,
+// Weights of the open channel this many channels ahead are prefetched: an example's open filters
+// are scattered 9-float pieces of each row, which the hardware prefetchers do not follow.
+constexpr int64_t kIndirectPrefetchChannels = 4;
+
+// One register block: M rows x V pixel vectors from pixel p0. KK is kk when fixed at compile time
+// (9) or 0 for any.
+template <int M, int V, int KK>
+__attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const IndirectCols& in,
                                                               float* const* dst, const float* bias,
                                                               const float* scale, int64_t p0,
                                                               __mmask16 last_mask) {
+  const int64_t kk = KK > 0 ? KK : in.kk;
+  const int32_t* chan = in.chan;
+  const int64_t n_chan = in.n_chan, ld = in.ld;
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -60,17 +77,28 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
   const float* wr[M];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) wr[m] = w[m];
-  const float* c = cols + p0;
-  for (int64_t k = 0; k < nk; ++k, c += ld) {
-    __m512 x[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) x[v] = _mm512_load_ps(c + 16 * v);
-    const int32_t wi = widx[k];
+  const float* c = in.cols + p0;
+  for (int64_t i = 0; i < n_chan; ++i) {
+    if (i + kIndirectPrefetchChannels < n_chan) {
+      const int32_t ahead = chan[i + kIndirectPrefetchChannels];
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m512 b = _mm512_set1_ps(wr[m][wi]);
+      for (int m = 0; m < M; ++m) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead + kk - 1), _MM_HINT_T0);
+      }
+    }
+    const int32_t base = chan[i];
+#pragma GCC unroll 9
+    for (int64_t t = 0; t < kk; ++t, c += ld) {
+      __m512 x[V];
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(b, x[v], acc[m][v]);
+      for (int v = 0; v < V; ++v) x[v] = _mm512_load_ps(c + 16 * v);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 b = _mm512_set1_ps(wr[m][base + t]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(b, x[v], acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -87,37 +115,40 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
   }
 }
 
-template <int V>
-__attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows& rows, const int32_t* widx,
-                                                             int64_t nk, const float* cols, int64_t ld,
+template <int V, int KK>
+__attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows& rows, const IndirectCols& in,
                                                              int64_t p0, __mmask16 last_mask) {
   constexpr int kM = indirect_max_rows(V);
   int64_t r = 0;
   for (; r + kM <= rows.count; r += kM)
-    indirect_block<kM, V>(rows.weight + r, widx, nk, cols, ld, rows.dst + r, rows.bias + r, rows.scale + r, p0,
-                          last_mask);
+    indirect_block<kM, V, KK>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask);
   const int64_t left = rows.count - r;
-  if (left == 0) return;
   auto w = rows.weight + r;
   auto d = rows.dst + r;
   auto b = rows.bias + r;
   auto s = rows.scale + r;
   switch (left) {
-    case 1: indirect_block<1, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 2: indirect_block<2, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 3: indirect_block<3, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 4: indirect_block<4, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 5: indirect_block<5, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 6: if constexpr (kM > 6) indirect_block<6, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
-    case 7: if constexpr (kM > 7) indirect_block<7, V>(w, widx, nk, cols, ld, d, b, s, p0, last_mask); break;
+    case 1: indirect_block<1, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 2: indirect_block<2, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 3: indirect_block<3, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 4: indirect_block<4, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 5: indirect_block<5, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 6: if constexpr (kM > 6) indirect_block<6, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 7: if constexpr (kM > 7) indirect_block<7, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    default: break;
   }
+}
+
+template <int V>
+__attribute__((target("avx512f"))) inline void indirect_rows_any_kk(const IndirectRows& rows, const IndirectCols& in,
+                                                                    int64_t p0, __mmask16 last_mask) {
+  if (in.kk == 9) indirect_rows<V, 9>(rows, in, p0, last_mask);
+  else indirect_rows<V, 0>(rows, in, p0, last_mask);
 }
 
 // Every row of `rows` over every pixel: the pixel vectors are split into blocks of at most
 // kIndirectMaxVectors, as evenly as possible (49 pixels: one block of 4 vectors; 196: 4 + 3 + 3 + 3).
-__attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const IndirectRows& rows,
-                                                                    const int32_t* widx, int64_t nk,
-                                                                    const float* cols, int64_t ld,
+__attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const IndirectRows& rows, const IndirectCols& in,
                                                                     int64_t positions) {
   const int64_t nv = (positions + 15) / 16;
   const int64_t blocks = (nv + kIndirectMaxVectors - 1) / kIndirectMaxVectors;
@@ -126,12 +157,12 @@ __attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const Indire
     const int64_t v = nv / blocks + (blk < nv % blocks ? 1 : 0);
     const int64_t p0 = v0 * 16;
     const int64_t tail = positions - (v0 + v - 1) * 16;  // pixels in the block's last vector
-    const __mmask16 last = tail >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
+    const __mmask16 mask = tail >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
     switch (v) {
-      case 1: indirect_rows<1>(rows, widx, nk, cols, ld, p0, last); break;
-      case 2: indirect_rows<2>(rows, widx, nk, cols, ld, p0, last); break;
-      case 3: indirect_rows<3>(rows, widx, nk, cols, ld, p0, last); break;
-      default: indirect_rows<4>(rows, widx, nk, cols, ld, p0, last); break;
+      case 1: indirect_rows_any_kk<1>(rows, in, p0, mask); break;
+      case 2: indirect_rows_any_kk<2>(rows, in, p0, mask); break;
+      case 3: indirect_rows_any_kk<3>(rows, in, p0, mask); break;
+      default: indirect_rows_any_kk<4>(rows, in, p0, mask); break;
     }
     v0 += v;
   }
@@ -139,11 +170,11 @@ __attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const Indire
 
 #endif
 
-// Runs the AVX-512 kernel; only to be called where indirect_gemm_available().
-inline void indirect_gemm(const IndirectRows& rows, const int32_t* widx, int64_t nk, const float* cols,
-                          int64_t ld, int64_t positions) {
+// dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r for every
+// row r of `rows` and pixel p < positions. Only to be called where indirect_gemm_available().
+inline void indirect_gemm(const IndirectRows& rows, const IndirectCols& in, int64_t positions) {
 #ifdef CONDKERNELS_INDIRECT_GEMM
-  indirect_gemm_avx512(rows, widx, nk, cols, ld, positions);
+  indirect_gemm_avx512(rows, in, positions);
 #endif
 }
 
