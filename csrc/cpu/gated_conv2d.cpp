@@ -487,11 +487,22 @@ int64_t indirect_run_bytes() {
   return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectRunBytes;
 }
 
+// Each thread walks its output channels this many at a time through every example of the run, so
+// that the open pieces of those weight rows are read from memory once and from cache for the rest
+// of the run (a multiple of the 6 and 8 row blocks of the kernel).
+constexpr int64_t kIndirectRowChunk = 48;
+
+int64_t indirect_row_chunk() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_ROW_CHUNK");
+  return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : kIndirectRowChunk;
+}
+
 // y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y. Per
 // run of examples: (1) each example's im2col of its open input channels (in_gate folded in), rows
-// padded to whole vectors, and the list of weight columns they meet; (2) threads split the output
-// channels, and each computes its open outputs of every example of the run with the indirect GEMM,
-// reading the weight rows in place (no gather, no reorder), writing y directly.
+// padded to whole vectors, and the offsets of those channels in a weight row; (2) threads split the
+// output channels (so batch 1 uses every thread too), and each computes, chunk of rows by chunk of
+// rows, the open outputs of every example of the run with the indirect GEMM, reading the weight rows
+// in place (no gather, no reorder) and writing y directly, bias and out_gate included.
 void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                       const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
@@ -502,8 +513,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   std::vector<OpenChannels> ins(g.batch);
   for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
   const int64_t run_bytes = indirect_run_bytes();
-  const char* chunk_env = std::getenv("CONDKERNELS_GATED_INDIRECT_ROW_CHUNK");
-  const int64_t row_chunk = chunk_env ? std::max<int64_t>(1, std::atoll(chunk_env)) : 48;
+  const int64_t row_chunk = indirect_row_chunk();
   ScratchPool& pool = ScratchPool::of_this_thread();
   std::vector<int64_t> offset;  // each example's first column row in the run's buffer
   std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
@@ -526,7 +536,6 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
         std::vector<int32_t>& offsets = chan[b];
         offsets.resize(n_in);
         for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
-
       }
     };
     // A single example splits its im2col rows across the threads instead.
@@ -536,26 +545,27 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
       std::vector<const float*> w_rows;
       std::vector<float*> dst;
       std::vector<float> bias_v, scale_v;
-      for (int64_t r0 = c0; r0 < c1; r0 += row_chunk)
-      for (int64_t b = b0; b < b1; ++b) {
-        const float* og = out_gate ? out_gate + b * cout : nullptr;
-        float* y_b = y + b * cout * positions;
-        w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
-        for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
-          if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
-            std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
-            continue;
+      for (int64_t r0 = c0; r0 < c1; r0 += row_chunk) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const float* og = out_gate ? out_gate + b * cout : nullptr;
+          float* y_b = y + b * cout * positions;
+          w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
+          for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
+            if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
+              std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
+              continue;
+            }
+            w_rows.push_back(w_p + c * cin * kk);
+            dst.push_back(y_b + c * positions);
+            bias_v.push_back(bias ? bias[c] : 0.0f);
+            scale_v.push_back(og ? og[c] : 1.0f);
           }
-          w_rows.push_back(w_p + c * cin * kk);
-          dst.push_back(y_b + c * positions);
-          bias_v.push_back(bias ? bias[c] : 0.0f);
-          scale_v.push_back(og ? og[c] : 1.0f);
+          if (w_rows.empty()) continue;
+          const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                                      static_cast<int64_t>(w_rows.size())};
+          const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
+          cpu::indirect_gemm(out, in, positions);
         }
-        if (w_rows.empty()) continue;
-        const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
-                                    static_cast<int64_t>(w_rows.size())};
-        const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
-        cpu::indirect_gemm(out, in, positions);
       }
     });
     b0 = b1;
