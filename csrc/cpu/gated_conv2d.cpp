@@ -497,12 +497,14 @@ int64_t indirect_row_chunk() {
   return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : kIndirectRowChunk;
 }
 
-// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y. Per
-// run of examples: (1) each example's im2col of its open input channels (in_gate folded in), rows
-// padded to whole vectors, and the offsets of those channels in a weight row; (2) threads split the
-// output channels (so batch 1 uses every thread too), and each computes, chunk of rows by chunk of
-// rows, the open outputs of every example of the run with the indirect GEMM, reading the weight rows
-// in place (no gather, no reorder) and writing y directly, bias and out_gate included.
+// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y.
+// Examples are taken in runs: (1) each example's im2col of its open input channels (in_gate folded
+// in), rows padded to whole vectors, and the offsets of those channels in a weight row; (2) chunk of
+// output rows by chunk of rows, the open outputs of every example of the run through the indirect
+// GEMM, which reads the weight rows in place (no gather, no reorder) and writes y directly, bias and
+// out_gate included. With at least two examples per thread, each thread takes its own examples (one
+// parallel region: on a busy machine every extra region waits for its slowest thread); with fewer,
+// the threads split the im2col rows and then the output channels of every run.
 void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                       const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
@@ -514,61 +516,73 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
   const int64_t run_bytes = indirect_run_bytes();
   const int64_t row_chunk = indirect_row_chunk();
-  ScratchPool& pool = ScratchPool::of_this_thread();
-  std::vector<int64_t> offset;  // each example's first column row in the run's buffer
   std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
-  for (int64_t b0 = 0; b0 < g.batch;) {
-    // The run: at least one example, then as many as fit in run_bytes.
-    int64_t b1 = b0, rows = 0;
-    offset.clear();
-    do {
-      offset.push_back(rows);
-      rows += ins[b1].count(0) * kk;
-      ++b1;
-    } while (b1 < g.batch && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
-    float* cols = static_cast<float*>(pool.get(ScratchPool::kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
-    auto columns_of = [&](int64_t e0, int64_t e1) {
-      for (int64_t b = e0; b < e1; ++b) {
-        const int64_t n_in = ins[b].count(0);
-        const int64_t* list = ins[b].of(0);
-        im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
-                        in_gate ? in_gate + b * cin : nullptr);
-        std::vector<int32_t>& offsets = chan[b];
-        offsets.resize(n_in);
-        for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
-      }
-    };
-    // A single example splits its im2col rows across the threads instead.
-    if (b1 - b0 == 1) columns_of(b0, b1);
-    else at::parallel_for(b0, b1, 1, columns_of);
-    at::parallel_for(0, cout, 16, [&](int64_t c0, int64_t c1) {
-      std::vector<const float*> w_rows;
-      std::vector<float*> dst;
-      std::vector<float> bias_v, scale_v;
-      for (int64_t r0 = c0; r0 < c1; r0 += row_chunk) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const float* og = out_gate ? out_gate + b * cout : nullptr;
-          float* y_b = y + b * cout * positions;
-          w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
-          for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
-            if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
-              std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
-              continue;
-            }
-            w_rows.push_back(w_p + c * cin * kk);
-            dst.push_back(y_b + c * positions);
-            bias_v.push_back(bias ? bias[c] : 0.0f);
-            scale_v.push_back(og ? og[c] : 1.0f);
-          }
-          if (w_rows.empty()) continue;
-          const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
-                                      static_cast<int64_t>(w_rows.size())};
-          const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
-          cpu::indirect_gemm(out, in, positions);
+
+  // Examples [e0, e1), run by run; `split` spreads each run's work over the threads.
+  auto examples = [&](int64_t e0, int64_t e1, bool split) {
+    ScratchPool& pool = ScratchPool::of_this_thread();
+    std::vector<int64_t> offset;  // each example's first column row in the run's buffer
+    for (int64_t b0 = e0; b0 < e1;) {
+      // The run: at least one example, then as many as fit in run_bytes.
+      int64_t b1 = b0, rows = 0;
+      offset.clear();
+      do {
+        offset.push_back(rows);
+        rows += ins[b1].count(0) * kk;
+        ++b1;
+      } while (b1 < e1 && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
+      float* cols = static_cast<float*>(
+          pool.get(ScratchPool::kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
+      auto columns_of = [&](int64_t c0, int64_t c1) {
+        for (int64_t b = c0; b < c1; ++b) {
+          const int64_t n_in = ins[b].count(0);
+          const int64_t* list = ins[b].of(0);
+          im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
+                          in_gate ? in_gate + b * cin : nullptr);
+          std::vector<int32_t>& offsets = chan[b];
+          offsets.resize(n_in);
+          for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
         }
-      }
-    });
-    b0 = b1;
+      };
+      // A single example splits its im2col rows across the threads instead.
+      if (split && b1 - b0 > 1) at::parallel_for(b0, b1, 1, columns_of);
+      else columns_of(b0, b1);
+      auto outputs_of = [&](int64_t c0, int64_t c1) {
+        std::vector<const float*> w_rows;
+        std::vector<float*> dst;
+        std::vector<float> bias_v, scale_v;
+        for (int64_t r0 = c0; r0 < c1; r0 += row_chunk) {
+          for (int64_t b = b0; b < b1; ++b) {
+            const float* og = out_gate ? out_gate + b * cout : nullptr;
+            float* y_b = y + b * cout * positions;
+            w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
+            for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
+              if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
+                std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
+                continue;
+              }
+              w_rows.push_back(w_p + c * cin * kk);
+              dst.push_back(y_b + c * positions);
+              bias_v.push_back(bias ? bias[c] : 0.0f);
+              scale_v.push_back(og ? og[c] : 1.0f);
+            }
+            if (w_rows.empty()) continue;
+            const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                                        static_cast<int64_t>(w_rows.size())};
+            const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
+            cpu::indirect_gemm(out, in, positions);
+          }
+        }
+      };
+      if (split) at::parallel_for(0, cout, 16, outputs_of);
+      else outputs_of(0, cout);
+      b0 = b1;
+    }
+  };
+  if (g.batch >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, g.batch, 1, [&](int64_t e0, int64_t e1) { examples(e0, e1, /*split=*/false); });
+  } else {
+    examples(0, g.batch, /*split=*/true);
   }
 }
 
