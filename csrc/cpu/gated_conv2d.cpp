@@ -36,27 +36,47 @@ namespace condkernels {
 namespace {
 
 // Fractions of the dense multiply-adds (averaged over examples and groups) above which the dense
-// convolution + masks is taken, from condkernels/bench/gated.py on a 2-core AMD EPYC (AVX-512),
-// docs/benchmarks_gated_conv2d.md, whose "compacted" column forces the per-example path:
-// - forward: it wins up to density 0.5 on every ResNet block shape but 512 @ 7x7 (mixed at 0.75);
-// - forward on small planes (under 8x8 outputs) of a batch: reading the open filters once per
-//   example, not once per batch, makes it lose from 0.5 (wins or ties at 0.25); at batch 1 the
-//   compacted convolution measured 0.73x of the dense one at density 0.5 (512 @ 7x7);
-// - backward (MKL GEMMs): it measured 0.97-1.55x of the dense masked training step at 0.25.
+// convolution + masks is taken, from in_gate-only 3x3 ResNet block shapes (condkernels/bench/gated.py
+// and a density sweep of the same cases) on a 2-core Intel Xeon (AVX-512), float32:
+// - the indirect GEMM (float32 inference on planes up to 16x16): at batch 1 on 7x7 it beat the dense
+//   convolution at every density (0.80x at density 1, 512 channels); on 14x14 up to 0.875 (0.94x;
+//   1.09x at 1). Batched, 7x7 crossed over between 0.625 (0.86-0.95x) and 0.75 (1.01-1.12x), 14x14
+//   between 0.75 (0.81-0.94x) and 0.875 (1.03-1.08x), at batch 8 and 32;
+// - oneDNN per example, float32 on larger planes, groups == 1: 0.56-0.74x at 0.75 and 0.63-0.92x at 0.875
+//   (128 @ 28x28, 64 @ 56x56, batch 1 and 8), still 0.77-0.94x at density 1;
+// - every other case (float64, bfloat16, grouped, CPUs without AVX-512) keeps the thresholds measured
+//   earlier on a 2-core AMD EPYC (AVX-512), docs/benchmarks_gated_conv2d.md: oneDNN per example won
+//   up to 0.5 on every ResNet block shape but 512 @ 7x7; on small planes of a batch, reading the
+//   gathered filters once per example made it lose from 0.5 (win or tie at 0.25);
+// - backward (MKL GEMMs, every dtype): 0.97-1.55x of the dense masked training step at 0.25 (EPYC).
+constexpr double kDenseAboveIndirectSingleSmall = 1.0;  // batch 1, under 8x8 outputs: never dense
+constexpr double kDenseAboveIndirectSingle = 0.8;
+constexpr double kDenseAboveIndirectSmallPlanes = 0.6;  // batch > 1, under 8x8 outputs
+constexpr double kDenseAboveIndirect = 0.75;
+constexpr double kDenseAboveForwardFloat32 = 0.85;
 constexpr double kDenseAboveForward = 0.6;
 constexpr double kDenseAboveForwardSmallPlanes = 0.3;
 constexpr int64_t kSmallPlane = 64;
 constexpr double kDenseAboveBackward = 0.2;
 
+// Which forward kernel the compacted path runs, as far as the thresholds tell them apart.
+enum class ForwardKernel { kIndirect, kFloat32, kOther };
+
 // CONDKERNELS_GATED_DENSE_ABOVE overrides the thresholds (2 = never dense, -1 = always dense); the
 // tests use it to run both paths and the benchmark to measure the crossover.
-double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
+double dense_above_work_fraction(const ConvGeometry& g, bool backward, ForwardKernel kernel = ForwardKernel::kOther) {
   const char* env = std::getenv("CONDKERNELS_GATED_DENSE_ABOVE");
   if (env != nullptr) return std::atof(env);
   if (backward) return kDenseAboveBackward;
+  const bool small_plane = g.out_h * g.out_w < kSmallPlane;
+  if (kernel == ForwardKernel::kIndirect) {
+    if (g.batch == 1) return small_plane ? kDenseAboveIndirectSingleSmall : kDenseAboveIndirectSingle;
+    return small_plane ? kDenseAboveIndirectSmallPlanes : kDenseAboveIndirect;
+  }
   // A single example reads its open filters once, as the dense convolution reads all of them.
-  const bool small_planes = g.out_h * g.out_w < kSmallPlane && g.batch > 1;
-  return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
+  if (small_plane && g.batch > 1) return kDenseAboveForwardSmallPlanes;
+  if (kernel == ForwardKernel::kFloat32 && !small_plane) return kDenseAboveForwardFloat32;
+  return kDenseAboveForward;
 }
 
 // A single example's spatial kernel on planes of at most this many output pixels (7x7) runs as
@@ -637,13 +657,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  if (fraction > dense_above_work_fraction(g, /*backward=*/false)) {
+  const bool indirect = use_indirect(x, g, with_ungated);
+  ForwardKernel kernel = ForwardKernel::kOther;
+  if (indirect) kernel = ForwardKernel::kIndirect;
+  else if (x.scalar_type() == at::kFloat && g.groups == 1) kernel = ForwardKernel::kFloat32;
+  if (fraction > dense_above_work_fraction(g, /*backward=*/false, kernel)) {
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
   }
 
-  if (use_indirect(x, g, with_ungated)) {
+  if (indirect) {
     at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
     indirect_forward(x, weight, optional_data<float>(bias), optional_data<float>(in_gate),
                      optional_data<float>(out_gate), g, y.data_ptr<float>());
