@@ -7,6 +7,10 @@
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
 // throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
+// float32 inference on planes up to 16x16 (groups == 1, AVX-512 CPUs) runs an indirect GEMM
+// instead (cpu/indirect_gemm.h, indirect_forward): each example's im2col of its open channels times
+// the weight rows read in place, so no filter is gathered or reordered per example; those copies
+// cost more than the multiply-adds on the 7x7 and 14x14 layers.
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
