@@ -348,8 +348,9 @@ def test_single_example_spatial_paths(gemm_positions, which, groups, dtype, monk
                                    **tol)
 
 
-# float32 inference on planes up to 16x16 takes the indirect GEMM (AVX-512 CPUs): odd channel counts
-# (row blocks of every height), planes of 1 to 4 pixel vectors and their tails, strided and padded.
+# float32 inference with an in_gate on planes up to 16x16 (any gates under 8x8) takes the indirect
+# GEMM on AVX-512 CPUs: odd channel counts (row blocks of every height), planes of 1 to 4 pixel
+# vectors and their tails, strided and padded.
 INDIRECT_SHAPES = [  # (batch, cin, cout, hw, stride, padding)
     (1, 37, 21, 7, 1, 1),
     (5, 19, 50, 7, 1, 1),

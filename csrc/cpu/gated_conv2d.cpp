@@ -7,8 +7,8 @@
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
 // throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
-// float32 inference on planes up to 16x16 (groups == 1, AVX-512 CPUs) runs an indirect GEMM
-// instead (cpu/indirect_gemm.h, indirect_forward): each example's im2col of its open channels times
+// float32 inference with an in_gate on planes up to 16x16, or with any gates under 8x8 (groups ==
+// 1, AVX-512 CPUs), runs an indirect GEMM instead (cpu/indirect_gemm.h, indirect_forward): each example's im2col of its open channels times
 // the weight rows read in place, so no filter is gathered or reordered per example; those copies
 // cost more than the multiply-adds on the 7x7 and 14x14 layers.
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
@@ -487,7 +487,8 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
 // --- float32 forward through the indirect GEMM (cpu/indirect_gemm.h) -------------------------------
 
 // Output planes of at most this many pixels take the indirect GEMM for float32 (when the CPU has
-// AVX-512): measured against the oneDNN/MKL path on planes up to 14x14 (see kDenseAboveForward*).
+// AVX-512): it beat the oneDNN/MKL path on 7x7 and 14x14 planes; at 28x28 the two were even at
+// density 0.5 and oneDNN won at 0.75 (128 channels, batch 8).
 // CONDKERNELS_GATED_INDIRECT_POSITIONS overrides it (0: never) for measurements and tests.
 constexpr int64_t kIndirectMaxPositions = 256;
 
@@ -496,9 +497,13 @@ int64_t indirect_max_positions() {
   return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectMaxPositions;
 }
 
-bool use_indirect(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
+// Without an in_gate, on planes from 8x8, oneDNN per example stays: its filters are whole rows,
+// copied as they lie, and it beat the indirect GEMM there (256 @ 14x14, output gate only, density
+// 0.5, batch 1 to 32); with an in_gate, or on smaller planes, the indirect GEMM won.
+bool use_indirect(const at::Tensor& x, const ConvGeometry& g, bool with_ungated, bool has_in_gate) {
+  const int64_t positions = g.out_h * g.out_w;
   return x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
-         g.out_h * g.out_w <= indirect_max_positions() &&
+         positions <= indirect_max_positions() && (has_in_gate || positions < kSmallPlane) &&
          g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) && cpu::indirect_gemm_available();
 }
 
@@ -661,7 +666,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  const bool indirect = use_indirect(x, g, with_ungated);
+  const bool indirect = use_indirect(x, g, with_ungated, in_gate.has_value());
   ForwardKernel kernel = ForwardKernel::kOther;
   if (indirect) kernel = ForwardKernel::kIndirect;
   else if (x.scalar_type() == at::kFloat && g.groups == 1) kernel = ForwardKernel::kFloat32;
