@@ -168,6 +168,7 @@ void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeo
       const int64_t kh = (r % kk) / kw_n, kw = r % kw_n;
       const T* src = xg + chans[r / kk] * g.in_h * in_w;
       T* dst = cols + r * ld;
+      const T s = scale != nullptr ? scale[chans[r / kk]] : T(1);
       const TapRange rows = valid_out_range(g.in_h, g.out_h, g.stride_h, g.pad_h_begin, kh * g.dilation_h);
       const TapRange cs = valid_out_range(in_w, out_w, g.stride_w, g.pad_w_begin, kw * g.dilation_w);
       std::fill(dst, dst + rows.begin * out_w, T(0));
@@ -175,20 +176,17 @@ void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeo
         const T* src_row = src + g.in_row(oh, kh) * in_w;
         T* d = dst + oh * out_w;
         std::fill(d, d + cs.begin, T(0));
-        if (g.stride_w == 1) {
-          if (cs.end > cs.begin)
-            std::memcpy(d + cs.begin, src_row + g.in_col(cs.begin, kw), (cs.end - cs.begin) * sizeof(T));
+        if (s != T(1)) {  // only the pixels read from the plane: the padding stays 0, even for NaN
+          for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[ow] = static_cast<T>(src_row[g.in_col(ow, kw)] * s);
+        } else if (g.stride_w == 1) {  // a loop, not memcpy: rows of 7 or 14 floats
+          const T* sp = src_row + g.in_col(cs.begin, kw);
+          for (int64_t i = 0; i < cs.end - cs.begin; ++i) d[cs.begin + i] = sp[i];
         } else {
           for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[ow] = src_row[g.in_col(ow, kw)];
         }
         std::fill(d + cs.end, d + out_w, T(0));
       }
       std::fill(dst + rows.end * out_w, dst + ld, T(0));
-      // Only the pixels read from the plane: the padding stays 0 whatever the scale (NaN included).
-      const T s = scale != nullptr ? scale[chans[r / kk]] : T(1);
-      if (s != T(1))
-        for (int64_t oh = rows.begin; oh < rows.end; ++oh)
-          for (int64_t ow = cs.begin; ow < cs.end; ++ow) dst[oh * out_w + ow] *= s;
     }
   });
 }
