@@ -5,11 +5,12 @@
 //
 // w_r is one output channel's row of the (cout, cin * kh * kw) weight, chan[i] = (i-th open input
 // channel) * kk, and cols is an example's im2col of its open channels (rows `ld` floats apart, zero
-// past the last pixel). Registers hold a block of M output
-// rows x V vectors of 16 pixels; each (channel, tap) loads the V pixel vectors once and broadcasts one weight per
-// row. Vectorising along the pixels (not the output channels) is what lets every row be any
-// channel of the weight as it lies in memory, and an out_gate simply skip rows. AVX-512 only, picked
-// at run time; callers keep another path for CPUs without it.
+// past the last pixel). Registers hold a block of M output rows x V vectors of 16 pixels; each
+// (channel, tap) loads the V pixel vectors once and broadcasts one weight per row. Vectorising
+// along the pixels (not the output channels) is what lets every row be any channel of the weight as
+// it lies in memory, and an out_gate simply skip rows; the price is the padding lanes of planes
+// that are not whole vectors (49 of 64 on 7x7). AVX-512 only, picked at run time; callers keep
+// another path for CPUs without it.
 #pragma once
 
 #include <cstdint>
@@ -55,8 +56,9 @@ constexpr int indirect_max_rows(int v) { return v == 4 ? 6 : 8; }
 
 #ifdef CONDKERNELS_INDIRECT_GEMM
 
-// Weights of the open channel this many channels ahead are prefetched: an example's open filters
-// are scattered 9-float pieces of each row, which the hardware prefetchers do not follow.
+// The first cache line of each row's weights of the open channel this many channels ahead is
+// prefetched: an example's open filters are scattered 9-float pieces of each row, which the hardware
+// prefetchers do not follow. (Prefetching the piece's last line too measured no faster.)
 constexpr int64_t kIndirectPrefetchChannels = 4;
 
 // One register block: M rows x V pixel vectors from pixel p0. KK is kk when fixed at compile time
@@ -84,7 +86,6 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead + kk - 1), _MM_HINT_T0);
       }
     }
     const int32_t base = chan[i];
