@@ -317,6 +317,7 @@ def test_batch_sizes_zero_and_one_and_asymmetric_padding(dense_above, monkeypatc
 
 
 GEMM_POSITIONS = "CONDKERNELS_GATED_GEMM_POSITIONS"
+INDIRECT_POSITIONS = "CONDKERNELS_GATED_INDIRECT_POSITIONS"
 
 
 @pytest.mark.parametrize("gemm_positions", ["0", "1000000"], ids=["onednn", "gemm"])
@@ -328,6 +329,7 @@ def test_single_example_spatial_paths(gemm_positions, which, groups, dtype, monk
     # read in place (every input open), im2col + GEMM on small planes. Both kernels, every gate mix.
     monkeypatch.setenv(DENSE_ABOVE, "2")
     monkeypatch.setenv(GEMM_POSITIONS, gemm_positions)
+    monkeypatch.setenv(INDIRECT_POSITIONS, "0")  # float32 would take the indirect GEMM instead
     gen = torch.Generator().manual_seed(5)
     cin, cout = 32, 48
     x = torch.randn(1, cin, 9, 9, generator=gen, dtype=dtype)
@@ -344,6 +346,77 @@ def test_single_example_spatial_paths(gemm_positions, which, groups, dtype, monk
         y = condkernels.gated_conv2d(x, w, b, torch.zeros_like(ig), og, padding=1, groups=groups)
         torch.testing.assert_close(y.double(), oracle(x, w, b, torch.zeros_like(ig), og, 1, (1, 1, 1, 1), 1, groups),
                                    **tol)
+
+
+# float32 inference with an in_gate on planes up to 16x16 (any gates under 8x8) takes the indirect
+# GEMM on AVX-512 CPUs: odd channel counts (row blocks of every height), planes of 1 to 4 pixel
+# vectors and their tails, strided and padded.
+INDIRECT_SHAPES = [  # (batch, cin, cout, hw, stride, padding)
+    (1, 37, 21, 7, 1, 1),
+    (5, 19, 50, 7, 1, 1),
+    (3, 24, 13, 14, 1, 1),
+    (4, 9, 17, 16, 1, 1),
+    (2, 33, 7, 9, 2, 1),
+    (6, 16, 29, 3, 1, 0),
+    (3, 12, 8, 6, 1, "same"),
+]
+
+
+@pytest.mark.parametrize("shape", INDIRECT_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-s{}-p{}".format(*s))
+@pytest.mark.parametrize("which", ["in", "out", "both", "none"])
+@pytest.mark.parametrize("indirect", ["on", "off", "small-runs"])
+def test_float32_inference_indirect_gemm(shape, which, indirect, monkeypatch):
+    batch, cin, cout, hw, stride, padding = shape
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    if indirect == "off":
+        monkeypatch.setenv(INDIRECT_POSITIONS, "0")
+    elif indirect == "small-runs":  # one example per run, row chunks that split the row blocks
+        monkeypatch.setenv("CONDKERNELS_GATED_INDIRECT_RUN_BYTES", "1")
+        monkeypatch.setenv("CONDKERNELS_GATED_INDIRECT_ROW_CHUNK", "5")
+    cfg = dict(batch=batch, cin=cin, cout=cout, groups=1, k=3, hw=(hw, hw), bias=True, gates="binary-0.4",
+               which=which, channels_last=batch % 2 == 0)
+    x, w, b, ig, og = make_inputs(cfg, dtype=torch.float32, seed=batch + cin)
+    if ig is not None and batch > 3:
+        ig[3] = torch.randn(cin) * (torch.rand(cin) < 0.5)  # real-valued, negative, exact zeros
+    with torch.no_grad():
+        y = condkernels.gated_conv2d(x, w, b, ig, og, stride=stride, padding=padding)
+    want = oracle_for(dict(cfg, stride=stride, padding=padding, dilation=1), x, w, b, ig, og)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    if og is not None:  # closed outputs are exactly 0
+        assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
+
+
+def test_float32_indirect_gemm_gates_stay_in_their_example(monkeypatch):
+    """NaN and negative gates, and inf in a closed input channel, on the float32 inference path."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 20, 7, 7, generator=gen)
+    w = torch.randn(22, 20, 3, 3, generator=gen)
+    b = torch.randn(22, generator=gen)
+    ig = (torch.rand(4, 20, generator=gen) < 0.5).float()
+    og = (torch.rand(4, 22, generator=gen) < 0.5).float()
+    ig[0], og[0] = 0, 1  # example 0: every input closed: the bias alone
+    ig[1] = 1  # example 1: every input open
+    og[1] = 0  # ... and every output closed
+    ig[2, 3], ig[2, 4], og[2, 5] = float("nan"), 0.0, float("nan")  # example 2: NaN gates
+    og[2, 6] = 0.0
+    x[2, 4] = float("inf")  # closed input channel: never read
+    ig[3] = -ig[3] * 2  # example 3: negative gates
+    og[3, ::3] = -1.5
+    with torch.no_grad():
+        y = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+    x_clean = x.clone()
+    x_clean[2, 4] = 0
+    want = oracle(x_clean, w, b, ig, og, 1, (1, 1, 1, 1), 1, 1)
+    want[2, og[2] == 0] = 0  # closed outputs are skipped, not NaN * 0
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.isnan(y[2]).any() and (y[2, 6] == 0).all() and (y[1] == 0).all()
+    ok = ~torch.isnan(want)
+    torch.testing.assert_close(y.double()[ok], want[ok], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y[0], (b[:, None, None] * og[0, :, None, None]).expand(22, 7, 7))
 
 
 def test_backends_without_gated_kernels_say_so():

@@ -7,6 +7,10 @@
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
 // throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
+// float32 inference with an in_gate on planes up to 16x16, or with any gates under 8x8 (groups ==
+// 1, AVX-512 CPUs), runs an indirect GEMM instead (cpu/indirect_gemm.h, indirect_forward): each example's im2col of its open channels times
+// the weight rows read in place, so no filter is gathered or reordered per example; those copies
+// cost more than the multiply-adds on the 7x7 and 14x14 layers.
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
@@ -29,33 +33,54 @@
 #include <vector>
 
 #include "common/gated_channels.h"
+#include "cpu/indirect_gemm.h"
 #include "ops/gated_conv2d.h"
 
 namespace condkernels {
 namespace {
 
 // Fractions of the dense multiply-adds (averaged over examples and groups) above which the dense
-// convolution + masks is taken, from condkernels/bench/gated.py on a 2-core AMD EPYC (AVX-512),
-// docs/benchmarks_gated_conv2d.md, whose "compacted" column forces the per-example path:
-// - forward: it wins up to density 0.5 on every ResNet block shape but 512 @ 7x7 (mixed at 0.75);
-// - forward on small planes (under 8x8 outputs) of a batch: reading the open filters once per
-//   example, not once per batch, makes it lose from 0.5 (wins or ties at 0.25); at batch 1 the
-//   compacted convolution measured 0.73x of the dense one at density 0.5 (512 @ 7x7);
-// - backward (MKL GEMMs): it measured 0.97-1.55x of the dense masked training step at 0.25.
+// convolution + masks is taken, from in_gate-only 3x3 ResNet block shapes (condkernels/bench/gated.py
+// and a density sweep of the same cases) on a 2-core Intel Xeon (AVX-512), float32:
+// - the indirect GEMM (float32 inference on planes up to 16x16): at batch 1 on 7x7 it beat the dense
+//   convolution at every density (0.80x at density 1, 512 channels); on 14x14 up to 0.875 (0.94x;
+//   1.09x at 1). Batched, 7x7 crossed over between 0.625 (0.86-0.95x) and 0.75 (1.01-1.12x), 14x14
+//   between 0.75 (0.81-0.94x) and 0.875 (1.03-1.08x), at batch 8 and 32;
+// - oneDNN per example, float32 on larger planes, groups == 1: 0.56-0.74x at 0.75 and 0.63-0.92x at 0.875
+//   (128 @ 28x28, 64 @ 56x56, batch 1 and 8), still 0.77-0.94x at density 1;
+// - every other case (float64, bfloat16, grouped, CPUs without AVX-512) keeps the thresholds measured
+//   earlier on a 2-core AMD EPYC (AVX-512), docs/benchmarks_gated_conv2d.md: oneDNN per example won
+//   up to 0.5 on every ResNet block shape but 512 @ 7x7; on small planes of a batch, reading the
+//   gathered filters once per example made it lose from 0.5 (win or tie at 0.25);
+// - backward (MKL GEMMs, every dtype): 0.97-1.55x of the dense masked training step at 0.25 (EPYC).
+constexpr double kDenseAboveIndirectSingleSmall = 1.0;  // batch 1, under 8x8 outputs: never dense
+constexpr double kDenseAboveIndirectSingle = 0.8;
+constexpr double kDenseAboveIndirectSmallPlanes = 0.6;  // batch > 1, under 8x8 outputs
+constexpr double kDenseAboveIndirect = 0.75;
+constexpr double kDenseAboveForwardFloat32 = 0.85;
 constexpr double kDenseAboveForward = 0.6;
 constexpr double kDenseAboveForwardSmallPlanes = 0.3;
 constexpr int64_t kSmallPlane = 64;
 constexpr double kDenseAboveBackward = 0.2;
 
+// Which forward kernel the compacted path runs, as far as the thresholds tell them apart.
+enum class ForwardKernel { kIndirect, kFloat32, kOther };
+
 // CONDKERNELS_GATED_DENSE_ABOVE overrides the thresholds (2 = never dense, -1 = always dense); the
 // tests use it to run both paths and the benchmark to measure the crossover.
-double dense_above_work_fraction(const ConvGeometry& g, bool backward) {
+double dense_above_work_fraction(const ConvGeometry& g, bool backward, ForwardKernel kernel = ForwardKernel::kOther) {
   const char* env = std::getenv("CONDKERNELS_GATED_DENSE_ABOVE");
   if (env != nullptr) return std::atof(env);
   if (backward) return kDenseAboveBackward;
+  const bool small_plane = g.out_h * g.out_w < kSmallPlane;
+  if (kernel == ForwardKernel::kIndirect) {
+    if (g.batch == 1) return small_plane ? kDenseAboveIndirectSingleSmall : kDenseAboveIndirectSingle;
+    return small_plane ? kDenseAboveIndirectSmallPlanes : kDenseAboveIndirect;
+  }
   // A single example reads its open filters once, as the dense convolution reads all of them.
-  const bool small_planes = g.out_h * g.out_w < kSmallPlane && g.batch > 1;
-  return small_planes ? kDenseAboveForwardSmallPlanes : kDenseAboveForward;
+  if (small_plane && g.batch > 1) return kDenseAboveForwardSmallPlanes;
+  if (kernel == ForwardKernel::kFloat32 && !small_plane) return kDenseAboveForwardFloat32;
+  return kDenseAboveForward;
 }
 
 // A single example's spatial kernel on planes of at most this many output pixels (7x7) runs as
@@ -129,16 +154,21 @@ void parallel_rows(int64_t n, int64_t row_cost, const F& f) {
 }
 
 // cols[(i, kh, kw), (oh, ow)] = x[chans[i]] at the input pixel tap (kh, kw) of output (oh, ow) reads,
-// 0 in the padding. `xg` points at the group's first channel of one example.
+// 0 in the padding. `xg` points at the group's first channel of one example. Rows are `ld` apart
+// (positions when 0; the entries past positions are zeroed) and, with `scale` given, channel
+// chans[i]'s rows are multiplied by scale[chans[i]].
 template <typename T>
-void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeometry& g, T* cols) {
+void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeometry& g, T* cols,
+                     int64_t ld = 0, const T* scale = nullptr) {
   const int64_t kw_n = g.kernel_w, kk = g.kernel_h * g.kernel_w;
   const int64_t out_w = g.out_w, positions = g.out_h * g.out_w, in_w = g.in_w;
+  if (ld == 0) ld = positions;
   parallel_rows(n * kk, positions, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t kh = (r % kk) / kw_n, kw = r % kw_n;
       const T* src = xg + chans[r / kk] * g.in_h * in_w;
-      T* dst = cols + r * positions;
+      T* dst = cols + r * ld;
+      const T s = scale != nullptr ? scale[chans[r / kk]] : T(1);
       const TapRange rows = valid_out_range(g.in_h, g.out_h, g.stride_h, g.pad_h_begin, kh * g.dilation_h);
       const TapRange cs = valid_out_range(in_w, out_w, g.stride_w, g.pad_w_begin, kw * g.dilation_w);
       std::fill(dst, dst + rows.begin * out_w, T(0));
@@ -146,15 +176,17 @@ void im2col_channels(const T* xg, const int64_t* chans, int64_t n, const ConvGeo
         const T* src_row = src + g.in_row(oh, kh) * in_w;
         T* d = dst + oh * out_w;
         std::fill(d, d + cs.begin, T(0));
-        if (g.stride_w == 1) {
-          if (cs.end > cs.begin)
-            std::memcpy(d + cs.begin, src_row + g.in_col(cs.begin, kw), (cs.end - cs.begin) * sizeof(T));
+        if (s != T(1)) {  // only the pixels read from the plane: the padding stays 0, even for NaN
+          for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[ow] = static_cast<T>(src_row[g.in_col(ow, kw)] * s);
+        } else if (g.stride_w == 1) {  // a loop, not memcpy: rows of 7 or 14 floats
+          const T* sp = src_row + g.in_col(cs.begin, kw);
+          for (int64_t i = 0; i < cs.end - cs.begin; ++i) d[cs.begin + i] = sp[i];
         } else {
           for (int64_t ow = cs.begin; ow < cs.end; ++ow) d[ow] = src_row[g.in_col(ow, kw)];
         }
         std::fill(d + cs.end, d + out_w, T(0));
       }
-      std::fill(dst + rows.end * out_w, dst + positions, T(0));
+      std::fill(dst + rows.end * out_w, dst + ld, T(0));
     }
   });
 }
@@ -289,7 +321,8 @@ class ScratchPool {
     thread_local ScratchPool pool;
     return pool;
   }
-  static constexpr int kSlots = 9;
+  static constexpr int kSlots = 10;
+  static constexpr int kIndirectColsSlot = 9;  // the indirect forward's im2col of a run of examples
 
  private:
   static size_t round_up_bytes(size_t n) { return std::max<size_t>(64, (n + 63) / 64 * 64); }
@@ -449,6 +482,137 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
   }
 }
 
+// --- float32 forward through the indirect GEMM (cpu/indirect_gemm.h) -------------------------------
+
+// Output planes of at most this many pixels take the indirect GEMM for float32 (when the CPU has
+// AVX-512): it beat the oneDNN/MKL path on 7x7 and 14x14 planes; at 28x28 the two were even at
+// density 0.5 and oneDNN won at 0.75 (128 channels, batch 8).
+// CONDKERNELS_GATED_INDIRECT_POSITIONS overrides it (0: never) for measurements and tests.
+constexpr int64_t kIndirectMaxPositions = 256;
+
+int64_t indirect_max_positions() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_POSITIONS");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectMaxPositions;
+}
+
+// Without an in_gate, on planes from 8x8, oneDNN per example stays: its filters are whole rows,
+// copied as they lie, and it beat the indirect GEMM there (256 @ 14x14, output gate only, density
+// 0.5, batch 1 to 32); with an in_gate, or on smaller planes, the indirect GEMM won.
+bool use_indirect(const at::Tensor& x, const ConvGeometry& g, bool with_ungated, bool has_in_gate) {
+  const int64_t positions = g.out_h * g.out_w;
+  return x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
+         positions <= indirect_max_positions() && (has_in_gate || positions < kSmallPlane) &&
+         g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) && cpu::indirect_gemm_available();
+}
+
+// Examples are taken in runs whose im2col fits in about this many bytes, so that each thread's
+// share of the weight rows is read from memory once per run and the run's columns stay in cache.
+constexpr int64_t kIndirectRunBytes = int64_t(1) << 20;
+
+int64_t indirect_run_bytes() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_RUN_BYTES");
+  return env != nullptr ? static_cast<int64_t>(std::atoll(env)) : kIndirectRunBytes;
+}
+
+// Each thread walks its output channels this many at a time through every example of the run, so
+// that the open pieces of those weight rows are read from memory once and from cache for the rest
+// of the run (a multiple of the 6 and 8 row blocks of the kernel).
+constexpr int64_t kIndirectRowChunk = 48;
+
+int64_t indirect_row_chunk() {
+  const char* env = std::getenv("CONDKERNELS_GATED_INDIRECT_ROW_CHUNK");
+  return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : kIndirectRowChunk;
+}
+
+// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y.
+// Examples are taken in runs: (1) each example's im2col of its open input channels (in_gate folded
+// in), rows padded to whole vectors, and the offsets of those channels in a weight row; (2) chunk of
+// output rows by chunk of rows, the open outputs of every example of the run through the indirect
+// GEMM, which reads the weight rows in place (no gather, no reorder) and writes y directly, bias and
+// out_gate included. With at least two examples per thread, each thread takes its own examples (one
+// parallel region: on a busy machine every extra region waits for its slowest thread); with fewer,
+// the threads split the im2col rows and then the output channels of every run.
+void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
+                      const float* out_gate, const ConvGeometry& g, float* y) {
+  const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
+  const int64_t positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
+  const int64_t ld = round_up(positions, 16);
+  const float* x_p = x.data_ptr<float>();
+  const float* w_p = weight.data_ptr<float>();
+  std::vector<OpenChannels> ins(g.batch);
+  for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
+  const int64_t run_bytes = indirect_run_bytes();
+  const int64_t row_chunk = indirect_row_chunk();
+  std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
+
+  // Examples [e0, e1), run by run; `split` spreads each run's work over the threads.
+  auto examples = [&](int64_t e0, int64_t e1, bool split) {
+    ScratchPool& pool = ScratchPool::of_this_thread();
+    std::vector<int64_t> offset;  // each example's first column row in the run's buffer
+    for (int64_t b0 = e0; b0 < e1;) {
+      // The run: at least one example, then as many as fit in run_bytes.
+      int64_t b1 = b0, rows = 0;
+      offset.clear();
+      do {
+        offset.push_back(rows);
+        rows += ins[b1].count(0) * kk;
+        ++b1;
+      } while (b1 < e1 && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
+      float* cols = static_cast<float*>(
+          pool.get(ScratchPool::kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
+      auto columns_of = [&](int64_t c0, int64_t c1) {
+        for (int64_t b = c0; b < c1; ++b) {
+          const int64_t n_in = ins[b].count(0);
+          const int64_t* list = ins[b].of(0);
+          im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
+                          in_gate ? in_gate + b * cin : nullptr);
+          std::vector<int32_t>& offsets = chan[b];
+          offsets.resize(n_in);
+          for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
+        }
+      };
+      // A single example splits its im2col rows across the threads instead.
+      if (split && b1 - b0 > 1) at::parallel_for(b0, b1, 1, columns_of);
+      else columns_of(b0, b1);
+      auto outputs_of = [&](int64_t c0, int64_t c1) {
+        std::vector<const float*> w_rows;
+        std::vector<float*> dst;
+        std::vector<float> bias_v, scale_v;
+        for (int64_t r0 = c0; r0 < c1; r0 += row_chunk) {
+          for (int64_t b = b0; b < b1; ++b) {
+            const float* og = out_gate ? out_gate + b * cout : nullptr;
+            float* y_b = y + b * cout * positions;
+            w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
+            for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
+              if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
+                std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
+                continue;
+              }
+              w_rows.push_back(w_p + c * cin * kk);
+              dst.push_back(y_b + c * positions);
+              bias_v.push_back(bias ? bias[c] : 0.0f);
+              scale_v.push_back(og ? og[c] : 1.0f);
+            }
+            if (w_rows.empty()) continue;
+            const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                                        static_cast<int64_t>(w_rows.size())};
+            const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
+            cpu::indirect_gemm(out, in, positions);
+          }
+        }
+      };
+      if (split) at::parallel_for(0, cout, 16, outputs_of);
+      else outputs_of(0, cout);
+      b0 = b1;
+    }
+  };
+  if (g.batch >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, g.batch, 1, [&](int64_t e0, int64_t e1) { examples(e0, e1, /*split=*/false); });
+  } else {
+    examples(0, g.batch, /*split=*/true);
+  }
+}
+
 at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
 
 // t * gate per channel, exactly 0 where the gate is closed (as the compacted path, which never
@@ -500,10 +664,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  if (fraction > dense_above_work_fraction(g, /*backward=*/false)) {
+  const bool indirect = use_indirect(x, g, with_ungated, in_gate.has_value());
+  ForwardKernel kernel = ForwardKernel::kOther;
+  if (indirect) kernel = ForwardKernel::kIndirect;
+  else if (x.scalar_type() == at::kFloat && g.groups == 1) kernel = ForwardKernel::kFloat32;
+  if (fraction > dense_above_work_fraction(g, /*backward=*/false, kernel)) {
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
     if (!out_gate) return {with_ungated ? z.clone() : z, with_ungated ? z : at::Tensor()};
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
+  }
+
+  if (indirect) {
+    at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+    indirect_forward(x, weight, optional_data<float>(bias), optional_data<float>(in_gate),
+                     optional_data<float>(out_gate), g, y.data_ptr<float>());
+    return {y.contiguous(memory_format), at::Tensor()};
   }
 
   // One example, one group, no output gate: oneDNN's result, bias included, is y itself, with

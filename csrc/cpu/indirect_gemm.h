@@ -1,0 +1,182 @@
+// Indirect GEMM of gated_conv2d's float32 forward: each output row reads its weights in place,
+// through a list of column indices, so an example's open filters are never gathered or reordered.
+//
+//   dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r
+//
+// w_r is one output channel's row of the (cout, cin * kh * kw) weight, chan[i] = (i-th open input
+// channel) * kk, and cols is an example's im2col of its open channels (rows `ld` floats apart, zero
+// past the last pixel). Registers hold a block of M output rows x V vectors of 16 pixels; each
+// (channel, tap) loads the V pixel vectors once and broadcasts one weight per row. Vectorising
+// along the pixels (not the output channels) is what lets every row be any channel of the weight as
+// it lies in memory, and an out_gate simply skip rows; the price is the padding lanes of planes
+// that are not whole vectors (49 of 64 on 7x7). AVX-512 only, picked at run time; callers keep
+// another path for CPUs without it.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CONDKERNELS_INDIRECT_GEMM 1
+#include <immintrin.h>
+#endif
+
+namespace condkernels::cpu {
+
+// Output rows of one call: weight row, destination row, and the epilogue's bias and scale.
+struct IndirectRows {
+  const float* const* weight;
+  float* const* dst;
+  const float* bias;   // per row
+  const float* scale;  // per row
+  int64_t count;
+};
+
+// One example's columns: chan[i] = (i-th open input channel) * kk; cols rows i * kk + t hold its tap
+// t, `ld` floats apart, zero past the last pixel.
+struct IndirectCols {
+  const int32_t* chan;
+  int64_t n_chan, kk;
+  const float* cols;
+  int64_t ld;
+};
+
+inline bool indirect_gemm_available() {
+#ifdef CONDKERNELS_INDIRECT_GEMM
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Pixel vectors per register block, and the most output rows per block for each V (M * V
+// accumulators + V pixel vectors + one broadcast stay within the 32 zmm registers).
+constexpr int kIndirectMaxVectors = 4;
+constexpr int indirect_max_rows(int v) { return v == 4 ? 6 : 8; }
+
+#ifdef CONDKERNELS_INDIRECT_GEMM
+
+// The first cache line of each row's weights of the open channel this many channels ahead is
+// prefetched: an example's open filters are scattered 9-float pieces of each row, which the hardware
+// prefetchers do not follow. (Prefetching the piece's last line too measured no faster.)
+constexpr int64_t kIndirectPrefetchChannels = 4;
+
+// One register block: M rows x V pixel vectors from pixel p0. KK is kk when fixed at compile time
+// (9) or 0 for any.
+template <int M, int V, int KK>
+__attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const IndirectCols& in,
+                                                              float* const* dst, const float* bias,
+                                                              const float* scale, int64_t p0,
+                                                              __mmask16 last_mask) {
+  const int64_t kk = KK > 0 ? KK : in.kk;
+  const int32_t* chan = in.chan;
+  const int64_t n_chan = in.n_chan, ld = in.ld;
+  __m512 acc[M][V];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
+  const float* wr[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) wr[m] = w[m];
+  const float* c = in.cols + p0;
+  for (int64_t i = 0; i < n_chan; ++i) {
+    if (i + kIndirectPrefetchChannels < n_chan) {
+      const int32_t ahead = chan[i + kIndirectPrefetchChannels];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead), _MM_HINT_T0);
+      }
+    }
+    const int32_t base = chan[i];
+#pragma GCC unroll 9
+    for (int64_t t = 0; t < kk; ++t, c += ld) {
+      __m512 x[V];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) x[v] = _mm512_load_ps(c + 16 * v);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 b = _mm512_set1_ps(wr[m][base + t]);
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(b, x[v], acc[m][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    const __m512 bv = _mm512_set1_ps(bias[m]), sv = _mm512_set1_ps(scale[m]);
+    float* d = dst[m] + p0;
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      // (acc + bias) * scale, rounded after each step as the generic epilogue does.
+      const __m512 y = _mm512_mul_ps(_mm512_add_ps(acc[m][v], bv), sv);
+      if (v == V - 1) _mm512_mask_storeu_ps(d + 16 * v, last_mask, y);
+      else _mm512_storeu_ps(d + 16 * v, y);
+    }
+  }
+}
+
+template <int V, int KK>
+__attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows& rows, const IndirectCols& in,
+                                                             int64_t p0, __mmask16 last_mask) {
+  constexpr int kM = indirect_max_rows(V);
+  int64_t r = 0;
+  for (; r + kM <= rows.count; r += kM)
+    indirect_block<kM, V, KK>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask);
+  const int64_t left = rows.count - r;
+  auto w = rows.weight + r;
+  auto d = rows.dst + r;
+  auto b = rows.bias + r;
+  auto s = rows.scale + r;
+  switch (left) {
+    case 1: indirect_block<1, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 2: indirect_block<2, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 3: indirect_block<3, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 4: indirect_block<4, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 5: indirect_block<5, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 6: if constexpr (kM > 6) indirect_block<6, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 7: if constexpr (kM > 7) indirect_block<7, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    default: break;
+  }
+}
+
+template <int V>
+__attribute__((target("avx512f"))) inline void indirect_rows_any_kk(const IndirectRows& rows, const IndirectCols& in,
+                                                                    int64_t p0, __mmask16 last_mask) {
+  if (in.kk == 9) indirect_rows<V, 9>(rows, in, p0, last_mask);
+  else indirect_rows<V, 0>(rows, in, p0, last_mask);
+}
+
+// Every row of `rows` over every pixel: the pixel vectors are split into blocks of at most
+// kIndirectMaxVectors, as evenly as possible (49 pixels: one block of 4 vectors; 196: 4 + 3 + 3 + 3).
+__attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const IndirectRows& rows, const IndirectCols& in,
+                                                                    int64_t positions) {
+  const int64_t nv = (positions + 15) / 16;
+  const int64_t blocks = (nv + kIndirectMaxVectors - 1) / kIndirectMaxVectors;
+  int64_t v0 = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t v = nv / blocks + (blk < nv % blocks ? 1 : 0);
+    const int64_t p0 = v0 * 16;
+    const int64_t tail = positions - (v0 + v - 1) * 16;  // pixels in the block's last vector
+    const __mmask16 mask = tail >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
+    switch (v) {
+      case 1: indirect_rows_any_kk<1>(rows, in, p0, mask); break;
+      case 2: indirect_rows_any_kk<2>(rows, in, p0, mask); break;
+      case 3: indirect_rows_any_kk<3>(rows, in, p0, mask); break;
+      default: indirect_rows_any_kk<4>(rows, in, p0, mask); break;
+    }
+    v0 += v;
+  }
+}
+
+#endif
+
+// dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r for every
+// row r of `rows` and pixel p < positions. Only to be called where indirect_gemm_available().
+inline void indirect_gemm(const IndirectRows& rows, const IndirectCols& in, int64_t positions) {
+#ifdef CONDKERNELS_INDIRECT_GEMM
+  indirect_gemm_avx512(rows, in, positions);
+#endif
+}
+
+}  // namespace condkernels::cpu
