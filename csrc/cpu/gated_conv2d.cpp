@@ -34,6 +34,7 @@
 
 #include "common/gated_channels.h"
 #include "cpu/indirect_gemm.h"
+#include "cpu/library_conv.h"
 #include "ops/gated_conv2d.h"
 
 namespace condkernels {
@@ -283,15 +284,6 @@ void gather_weight_transposed(const T* weight, const ConvGeometry& g, int64_t gr
   });
 }
 
-at::Tensor pad_if_asymmetric(const at::Tensor& x, const ConvGeometry& g) {
-  if (g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end) return x;
-  return at::constant_pad_nd(x, {g.pad_w_begin, g.pad_w_end, g.pad_h_begin, g.pad_h_end}, 0);
-}
-
-std::vector<int64_t> symmetric_padding(const ConvGeometry& g) {
-  const bool symmetric = g.pad_h_begin == g.pad_h_end && g.pad_w_begin == g.pad_w_end;
-  return symmetric ? std::vector<int64_t>{g.pad_h_begin, g.pad_w_begin} : std::vector<int64_t>{0, 0};
-}
 
 // Spatial kernels run each example's open channels through oneDNN's convolution; its channel counts
 // are rounded up to this quantum with zero planes and zero filters, so that the number of distinct
@@ -403,8 +395,8 @@ at::Tensor open_channel_conv(const at::Tensor& x, int64_t b, const at::Tensor& w
     gather_weight(weight.data_ptr<T>(), g, grp, out_list, n_out, in_list, n_in, in_gate_row,
                   w_open.data_ptr<T>(), in_p * kk, out_p);
   }
-  return at::conv2d(pad_if_asymmetric(planes, g), w_open, bias, {g.stride_h, g.stride_w},
-                    symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
+  return at::conv2d(cpu::pad_if_asymmetric(planes, g), w_open, bias, {g.stride_h, g.stride_w},
+                    cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w}, 1)
       .contiguous();
 }
 
@@ -627,7 +619,7 @@ at::Tensor dense_ungated(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& in_gate,
                          const ConvGeometry& g, c10::IntArrayRef stride, c10::IntArrayRef dilation) {
   const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
-  return at::conv2d(pad_if_asymmetric(x_gated, g), weight, bias, stride, symmetric_padding(g),
+  return at::conv2d(cpu::pad_if_asymmetric(x_gated, g), weight, bias, stride, cpu::symmetric_padding(g),
                     dilation, g.groups);
 }
 
@@ -757,12 +749,12 @@ Grads dense_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
   auto empty = [&] { return x.new_empty({0}); };
   const at::Tensor x_gated = in_gate ? gated(x, *in_gate) : x;
   const at::Tensor grad_ungated = out_gate ? grad_out * channel_scale(*out_gate) : grad_out;
-  const at::Tensor x_padded = pad_if_asymmetric(x_gated, g);
+  const at::Tensor x_padded = cpu::pad_if_asymmetric(x_gated, g);
   const bool need_input_grad = mask[0] || mask[3];
   const bool need_bias_grad = mask[2] && bias.has_value();
   auto [grad_x_gated, grad_weight, grad_bias] = at::convolution_backward(
       grad_ungated, x_padded, weight, std::vector<int64_t>{g.out_channels}, stride,
-      symmetric_padding(g), dilation, false, {0, 0}, g.groups,
+      cpu::symmetric_padding(g), dilation, false, {0, 0}, g.groups,
       {need_input_grad, mask[1], need_bias_grad});
   at::Tensor gx = empty(), gw = mask[1] ? grad_weight : empty(), gb = need_bias_grad ? grad_bias : empty();
   at::Tensor gig = empty(), gog = empty();
