@@ -4,11 +4,13 @@
 //
 // Why: with few output pixels P per example (7x7 = 49 on ResNet-50's last stage) each example's
 // product is a GEMM with a narrow N = P, where MKL runs at about half its peak, and mixing whole
-// tiles of per-example weights first writes and re-reads B copies of them. Here each piece of the
-// experts (E x 64 output channels x kKc reduction rows, read from memory once) is mixed for every
-// example of the run while it sits in L2, transposed in registers into a (kKc, 64) panel that stays
-// in L1, and that panel meets the example's im2col columns in a 64-channel x up-to-6-pixel block of
-// accumulators. Mixing costs E multiply-adds per weight and example, against P for the product.
+// tiles of per-example weights first writes and re-reads B copies of them. Here, per block of 64
+// output channels, a piece of every expert (64 rows x a few hundred reduction rows) is read from
+// memory once and transposed once into L2 (stage_experts); from it, (32, 64) panels are mixed for
+// four examples at a time, each staged vector loaded once for the four (mix_panels); and each panel,
+// in L1, meets its example's im2col columns in a 64-channel x 5-or-6-pixel block of accumulator
+// registers (multiply_block). Mixing costs E multiply-adds per weight and example, against P for
+// the product.
 #pragma once
 
 #include <ATen/Parallel.h>
