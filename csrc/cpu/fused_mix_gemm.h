@@ -17,8 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <vector>
+
+#include "cpu/cpu_features.h"
+#include "cpu/scratch_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -229,16 +230,11 @@ __attribute__((target("avx512f"))) inline void run_block(const Problem& pb, int6
   }
 }
 
-inline bool available() {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  return has_avx512;
-}
+inline bool available() { return has_avx512f(); }
 
-// A 64-byte aligned view of `n` floats of a buffer kept by the calling thread from call to call.
-inline float* aligned_scratch(std::vector<float>& buf, int64_t n) {
-  buf.resize(static_cast<size_t>(n) + 16);
-  const auto at = (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t{63};
-  return reinterpret_cast<float*>(at);
+// A 64-byte aligned buffer of `n` floats from the calling thread's scratch pool.
+inline float* scratch_floats(int slot, int64_t n) {
+  return static_cast<float*>(ScratchPool::of_this_thread().get(slot, static_cast<size_t>(n) * sizeof(float)));
 }
 
 // The examples [b0, b0 + n) of a problem, as a problem of their own.
@@ -260,10 +256,9 @@ inline void run(const Problem& pb) {
   const int64_t runs = std::min<int64_t>(pb.batch, (at::get_num_threads() + blocks - 1) / blocks);
   const int64_t run_size = (pb.batch + runs - 1) / runs;
   at::parallel_for(0, blocks * runs, 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> staged_buf, panel_buf, acc_buf;
-    float* staged = aligned_scratch(staged_buf, pb.experts * staged_rows(pb.experts) * kBlock);
-    float* panels = aligned_scratch(panel_buf, kMixGroup * kKc * kBlock);
-    float* acc = aligned_scratch(acc_buf, run_size * pb.pixels * kBlock);
+    float* staged = scratch_floats(0, pb.experts * staged_rows(pb.experts) * kBlock);
+    float* panels = scratch_floats(1, kMixGroup * kKc * kBlock);
+    float* acc = scratch_floats(2, run_size * pb.pixels * kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = task / runs, b0 = (task % runs) * run_size;
       if (b0 >= pb.batch) continue;

@@ -35,6 +35,7 @@
 #include "common/gated_channels.h"
 #include "cpu/indirect_gemm.h"
 #include "cpu/library_conv.h"
+#include "cpu/scratch_pool.h"
 #include "ops/gated_conv2d.h"
 
 namespace condkernels {
@@ -284,7 +285,6 @@ void gather_weight_transposed(const T* weight, const ConvGeometry& g, int64_t gr
   });
 }
 
-
 // Spatial kernels run each example's open channels through oneDNN's convolution; its channel counts
 // are rounded up to this quantum with zero planes and zero filters, so that the number of distinct
 // convolution shapes (each one a primitive oneDNN creates once and caches) stays small.
@@ -292,41 +292,9 @@ constexpr int64_t kShapeQuantum = 16;
 
 int64_t round_up(int64_t n, int64_t quantum) { return (n + quantum - 1) / quantum * quantum; }
 
-// Scratch memory kept by each thread from call to call, grown as needed. Buffers of a few MB
-// allocated and freed on every call come from fresh pages (glibc maps and unmaps them, or trims
-// the heap), and the page faults on first touch cost as much as the copies written into them: at
-// batch 1 on the CPU benchmarked they made the compacted convolution of a 64->128 3x3 layer at
-// stride 2 twice as slow as the same convolution on reused buffers.
-class ScratchPool {
- public:
-  // `bytes` of memory for `slot`, 64-byte aligned; valid until the same thread asks for the slot again.
-  void* get(int slot, size_t bytes) {
-    Buffer& b = buffers_[slot];
-    if (b.bytes < bytes) {
-      b.data.reset(static_cast<char*>(std::aligned_alloc(64, round_up_bytes(bytes))));
-      TORCH_CHECK(b.data != nullptr, "gated_conv2d: cannot allocate ", bytes, " bytes of scratch memory");
-      b.bytes = round_up_bytes(bytes);
-    }
-    return b.data.get();
-  }
-  static ScratchPool& of_this_thread() {
-    thread_local ScratchPool pool;
-    return pool;
-  }
-  static constexpr int kSlots = 10;
-  static constexpr int kIndirectColsSlot = 9;  // the indirect forward's im2col of a run of examples
-
- private:
-  static size_t round_up_bytes(size_t n) { return std::max<size_t>(64, (n + 63) / 64 * 64); }
-  struct Free {
-    void operator()(char* p) const { std::free(p); }
-  };
-  struct Buffer {
-    std::unique_ptr<char, Free> data;
-    size_t bytes = 0;
-  };
-  std::array<Buffer, kSlots> buffers_;
-};
+// The scratch-pool slot of the indirect forward's im2col of a run of examples (Workspace below
+// takes the others in order).
+constexpr int kIndirectColsSlot = 9;
 
 // Per-thread scratch, sized for the largest group GEMM of the call (views of the thread's pool).
 struct Workspace {
@@ -335,7 +303,7 @@ struct Workspace {
   Workspace(const ConvGeometry& g, const at::TensorOptions& options, bool backward) {
     const int64_t kk = g.kernel_h * g.kernel_w, positions = g.out_h * g.out_w;
     const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();
-    ScratchPool& pool = ScratchPool::of_this_thread();
+    cpu::ScratchPool& pool = cpu::ScratchPool::of_this_thread();
     int slot = 0;
     auto buffer = [&](int64_t numel, const at::TensorOptions& opts) {
       const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
@@ -539,7 +507,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 
   // Examples [e0, e1), run by run; `split` spreads each run's work over the threads.
   auto examples = [&](int64_t e0, int64_t e1, bool split) {
-    ScratchPool& pool = ScratchPool::of_this_thread();
+    cpu::ScratchPool& pool = cpu::ScratchPool::of_this_thread();
     std::vector<int64_t> offset;  // each example's first column row in the run's buffer
     for (int64_t b0 = e0; b0 < e1;) {
       // The run: at least one example, then as many as fit in run_bytes.
@@ -551,7 +519,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
         ++b1;
       } while (b1 < e1 && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
       float* cols = static_cast<float*>(
-          pool.get(ScratchPool::kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
+          pool.get(kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
       auto columns_of = [&](int64_t c0, int64_t c1) {
         for (int64_t b = c0; b < c1; ++b) {
           const int64_t n_in = ins[b].count(0);

@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "cpu/cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CONDKERNELS_INDIRECT_GEMM 1
 #include <immintrin.h>
@@ -40,14 +42,7 @@ struct IndirectCols {
   int64_t ld;
 };
 
-inline bool indirect_gemm_available() {
-#ifdef CONDKERNELS_INDIRECT_GEMM
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
+inline bool indirect_gemm_available() { return has_avx512f(); }
 
 // Pixel vectors per register block, and the most output rows per block for each V (M * V
 // accumulators + V pixel vectors + one broadcast stay within the 32 zmm registers).
