@@ -59,20 +59,21 @@ def _functions(cfg) -> dict:
     for backend in competitors.own_backends(cfg.device):
         fns[ours(backend)] = competitors.with_backend(condkernels.cond_conv2d, backend)
     if cfg.paths and cfg.device.type == "cpu":  # the studies behind the CPU kernel's thresholds
-        for policy in ("whole", "tiled"):
-            fns[ours("cpu", f"tiling={policy}")] = _with_env(fns[ours("cpu")], TILING_ENV, policy)
+        for policy in ("whole", "tiled"):  # the mix + GEMM path itself, never the fused kernel
+            fns[ours("cpu", f"tiling={policy}")] = _with_env(fns[ours("cpu")], {TILING_ENV: policy, FUSED_ENV: "0"})
         for policy in ("0", "1"):
-            fns[ours("cpu", f"fused={policy}")] = _with_env(fns[ours("cpu")], FUSED_ENV, policy)
+            fns[ours("cpu", f"fused={policy}")] = _with_env(fns[ours("cpu")], {FUSED_ENV: policy})
     return fns
 
 
-def _with_env(fn, name, value):
+def _with_env(fn, env: dict):
     def call(*args, **kwargs):
-        os.environ[name] = value
+        os.environ.update(env)
         try:
             return fn(*args, **kwargs)
         finally:
-            os.environ.pop(name, None)
+            for name in env:
+                os.environ.pop(name, None)
 
     return call
 
