@@ -3,7 +3,7 @@
 // AVX-512 kernel, y_b = (sum_e r[b,e] W_e) cols_b + bias_b.
 //
 // Why: with few output pixels P per example (7x7 = 49 on ResNet-50's last stage) each example's
-// product is a GEMM with a narrow N = P, where MKL runs at about half its peak, and mixing whole
+// product is a GEMM with a narrow N = P, where MKL runs far from its peak, and mixing whole
 // tiles of per-example weights first writes and re-reads B copies of them. Here, per block of 64
 // output channels, a piece of every expert (64 rows x a few hundred reduction rows) is read from
 // memory once and transposed once into L2 (stage_experts); from it, (32, 64) panels are mixed for
@@ -44,13 +44,14 @@ inline int64_t staged_rows(int64_t experts) {
 }
 
 // When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to kMaxPlane
-// output pixels, at least kMinBatch examples, at most kMaxExperts experts. Measured one thread at a
-// time against mix + GEMM on the 2-core Intel Xeon (AVX-512), float32, ms (fused / mix + GEMM):
-// 3x3 512->512 @7x7 with E = 8: B = 2 12.0 / 12.4, B = 4 17.0 / 29.3, B = 8 27.8 / 33.7,
-// B = 32 101 / 136; B = 1 7.2 / 6.0 (one example cannot share the staged experts); B = 8 with
-// E = 4 23.3 / 28.8, E = 16 40.5 / 41.1, E = 32 72.9 / 61.8 (mixing, E multiply-adds per weight
-// and example, outgrows the product's P); pointwise 2048->512 @7x7 B = 8: E = 8 9.9 / 22.7; and
-// pointwise 512->512 @14x14 (P = 196) B = 8 E = 8 8.2 / 6.9, where MKL's GEMMs are wide enough.
+// output pixels, at least kMinBatch examples, at most kMaxExperts experts. From
+// `python -m condkernels.bench --suite condconv --full --paths --threads 1 --rounds 3 --filter ...`
+// on the 2-core Intel Xeon (AVX-512), float32 inference, ms (fused=1 / fused=0): 3x3 512->512
+// @7x7, E = 8: B = 8 31.8 / 35.8, B = 32 97.4 / 145, but B = 1 7.82 / 6.19 (one example cannot
+// share the staged experts); B = 8, E = 4 25.6 / 35.6, but E = 32 75.2 / 63.7 (mixing, E
+// multiply-adds per weight and example, outgrows the product's P; E = 16, between them, is not in
+// the grid); pointwise 2048->512 @7x7 B = 8 E = 8 11.2 / 25.4; and pointwise 512->512 @14x14
+// (P = 196) B = 8 E = 8 8.27 / 7.31, where MKL's GEMMs are wide enough.
 constexpr int64_t kMaxPlane = 64;
 constexpr int64_t kMinBatch = 2;
 constexpr int64_t kMaxExperts = 16;
