@@ -55,6 +55,8 @@ def make_gate(kind, batch, channels, gen, dtype=torch.float64):
 def pad4(padding, hw, k, stride, dilation):
     if padding == "same":
         return (*same_padding(hw[0], k, stride, dilation), *same_padding(hw[1], k, stride, dilation))
+    if isinstance(padding, tuple):  # (height, width)
+        return (padding[0], padding[0], padding[1], padding[1])
     return (padding,) * 4
 
 
@@ -318,6 +320,7 @@ def test_batch_sizes_zero_and_one_and_asymmetric_padding(dense_above, monkeypatc
 
 GEMM_POSITIONS = "CONDKERNELS_GATED_GEMM_POSITIONS"
 INDIRECT_POSITIONS = "CONDKERNELS_GATED_INDIRECT_POSITIONS"
+PADDED_POSITIONS = "CONDKERNELS_GATED_PADDED_POSITIONS"
 
 
 @pytest.mark.parametrize("gemm_positions", ["0", "1000000"], ids=["onednn", "gemm"])
@@ -389,9 +392,50 @@ def test_float32_inference_indirect_gemm(shape, which, indirect, monkeypatch):
         assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
 
 
-def test_float32_indirect_gemm_gates_stay_in_their_example(monkeypatch):
-    """NaN and negative gates, and inf in a closed input channel, on the float32 inference path."""
+# float32 inference at stride 1 on larger planes reads zero-padded planes in place (padded_forward):
+# tiles of whole output rows with a short last tile, padding of every form, dilation, kernels other
+# than 3x3, few examples (tiles and channel chunks split across threads) and many (whole examples).
+PADDED_SHAPES = [  # (batch, cin, cout, hw, k, padding, dilation)
+    (1, 37, 21, 30, 3, 1, 1),
+    (3, 19, 50, 21, 3, 2, 2),
+    (5, 24, 13, 17, 3, "same", 1),
+    (2, 9, 17, 20, 2, "same", 1),
+    (1, 6, 30, 23, 5, (2, 1), 1),
+    (6, 16, 29, 19, 3, 0, 1),
+    (1, 40, 70, 14, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-k{}-p{}-d{}".format(*s))
+@pytest.mark.parametrize("which", ["in", "out", "both", "none"])
+@pytest.mark.parametrize("padded", ["on", "off"])
+def test_float32_inference_padded_planes(shape, which, padded, monkeypatch):
+    batch, cin, cout, hw, k, padding, dilation = shape
     monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if padded == "on" else "1000000000")
+    cfg = dict(batch=batch, cin=cin, cout=cout, groups=1, k=k, hw=(hw, hw), bias=True, gates="binary-0.4",
+               which=which, channels_last=batch % 2 == 0, stride=1, padding=padding, dilation=dilation)
+    x, w, b, ig, og = make_inputs(cfg, dtype=torch.float32, seed=batch + cin + k)
+    if ig is not None and batch > 2:
+        ig[2] = torch.randn(cin) * (torch.rand(cin) < 0.5)  # real-valued, negative, exact zeros
+    if ig is not None:
+        ig[0] = 0  # example 0: every input closed: the bias alone (times out_gate)
+    with torch.no_grad():
+        y = condkernels.gated_conv2d(x, w, b, ig, og, padding=padding, dilation=dilation)
+    want = oracle_for(cfg, x, w, b, ig, og)
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    if og is not None:  # closed outputs are exactly 0
+        assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
+
+
+@pytest.mark.parametrize("kernel", ["indirect", "padded"])
+def test_float32_inference_gates_stay_in_their_example(kernel, monkeypatch):
+    """NaN and negative gates, and inf in a closed input channel, on the float32 inference paths."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(4, 20, 7, 7, generator=gen)
     w = torch.randn(22, 20, 3, 3, generator=gen)

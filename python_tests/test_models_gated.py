@@ -260,7 +260,7 @@ def test_optimize_for_inference_equals_eval(name, size, forced):
     model.eval()
     x = torch.randn(2, 3, size, size)
     fast = condkernels.optimize_for_inference(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) for m in fast.modules())  # gates' too
     assert fast.layer1[0].conv1.bias is not None
     with torch.no_grad():
         gates_ref, gates_fast = gate_outputs(model, x), gate_outputs(fast, x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -14,6 +15,20 @@ STATIC, NAIVE, GROUPED, LOOP = "static", "naive", "grouped", "loop"
 def ours(backend: str, variant: str = "") -> str:
     """Method name of one of condkernels' backends, e.g. ``condkernels:cpu``."""
     return f"condkernels:{backend}" + (f" {variant}" if variant else "")
+
+
+def with_env(fn, env: dict):
+    """``fn`` run with the environment variables ``env`` set (the CPU kernels' path overrides)."""
+
+    def call(*args, **kwargs):
+        os.environ.update(env)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for name in env:
+                os.environ.pop(name, None)
+
+    return call
 
 
 def is_ours(method: str) -> bool:

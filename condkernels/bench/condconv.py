@@ -7,7 +7,6 @@ expert kernels at the measured bandwidth (the static conv's forward+backward for
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -15,7 +14,7 @@ import condkernels
 
 from . import competitors
 from .cases import (
-    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, no_grad_call, ours, ours_method,
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, no_grad_call, ours, ours_method, with_env,
 )
 from .results import (
     Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
@@ -60,22 +59,10 @@ def _functions(cfg) -> dict:
         fns[ours(backend)] = competitors.with_backend(condkernels.cond_conv2d, backend)
     if cfg.paths and cfg.device.type == "cpu":  # the studies behind the CPU kernel's thresholds
         for policy in ("whole", "tiled"):  # the mix + GEMM path itself, never the fused kernel
-            fns[ours("cpu", f"tiling={policy}")] = _with_env(fns[ours("cpu")], {TILING_ENV: policy, FUSED_ENV: "0"})
+            fns[ours("cpu", f"tiling={policy}")] = with_env(fns[ours("cpu")], {TILING_ENV: policy, FUSED_ENV: "0"})
         for policy in ("0", "1"):
-            fns[ours("cpu", f"fused={policy}")] = _with_env(fns[ours("cpu")], {FUSED_ENV: policy})
+            fns[ours("cpu", f"fused={policy}")] = with_env(fns[ours("cpu")], {FUSED_ENV: policy})
     return fns
-
-
-def _with_env(fn, env: dict):
-    def call(*args, **kwargs):
-        os.environ.update(env)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for name in env:
-                os.environ.pop(name, None)
-
-    return call
 
 
 def make_case(cfg, key, batch, experts, mode) -> Case:

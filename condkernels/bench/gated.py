@@ -8,7 +8,6 @@ block under autograd.
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
@@ -17,7 +16,7 @@ import condkernels
 
 from . import competitors
 from .cases import (
-    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, no_grad_call, ours, ours_method,
+    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, no_grad_call, ours, ours_method, with_env,
 )
 from .results import (
     Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
@@ -26,6 +25,7 @@ from .results import (
 SUITE = "gated"
 OP = "gated_conv2d"
 DENSE_ABOVE_ENV = "CONDKERNELS_GATED_DENSE_ABOVE"
+PADDED_ENV = "CONDKERNELS_GATED_PADDED_POSITIONS"
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W)
 DENSITIES = (0.25, 0.5, 0.75, 1.0)
@@ -54,19 +54,11 @@ def _functions(cfg) -> dict:
     for backend in competitors.own_backends(cfg.device):
         fns[ours(backend)] = competitors.with_backend(condkernels.gated_conv2d, backend)
     if cfg.paths and cfg.device.type == "cpu":  # the per-example compacted path at every density
-        fns[ours("cpu", "compacted")] = _compacted(fns[ours("cpu")])
+        fns[ours("cpu", "compacted")] = with_env(fns[ours("cpu")], {DENSE_ABOVE_ENV: "2"})
+        for policy, positions in (("0", "1000000000"), ("1", "0")):  # padded planes off / wherever they apply
+            fns[ours("cpu", f"compacted padded={policy}")] = with_env(
+                fns[ours("cpu")], {DENSE_ABOVE_ENV: "2", PADDED_ENV: positions})
     return fns
-
-
-def _compacted(fn):
-    def call(*args, **kwargs):
-        os.environ[DENSE_ABOVE_ENV] = "2"
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            os.environ.pop(DENSE_ABOVE_ENV, None)
-
-    return call
 
 
 def _es(cfg) -> int:

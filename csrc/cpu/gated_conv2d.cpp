@@ -50,11 +50,14 @@ namespace {
 //   between 0.75 (0.81-0.94x) and 0.875 (1.03-1.08x), at batch 8 and 32;
 // - oneDNN per example, float32 on larger planes, groups == 1: 0.56-0.74x at 0.75 and 0.63-0.92x at 0.875
 //   (128 @ 28x28, 64 @ 56x56, batch 1 and 8), still 0.77-0.94x at density 1;
+// - padded planes (stride 1, `--paths`, compacted padded=1): 0.78-0.89x of the dense masked
+//   convolution at 0.75 and 1.04-1.11x at 1 (14x14 to 56x56, batch 32), about even at 1 at batch 1;
 // - every other case (float64, bfloat16, grouped, CPUs without AVX-512) keeps the thresholds measured
 //   earlier on a 2-core AMD EPYC (AVX-512), docs/benchmarks_gated_conv2d.md: oneDNN per example won
 //   up to 0.5 on every ResNet block shape but 512 @ 7x7; on small planes of a batch, reading the
 //   gathered filters once per example made it lose from 0.5 (win or tie at 0.25);
 // - backward (MKL GEMMs, every dtype): 0.97-1.55x of the dense masked training step at 0.25 (EPYC).
+constexpr double kDenseAbovePadded = 0.85;
 constexpr double kDenseAboveIndirectSingleSmall = 1.0;  // batch 1, under 8x8 outputs: never dense
 constexpr double kDenseAboveIndirectSingle = 0.8;
 constexpr double kDenseAboveIndirectSmallPlanes = 0.6;  // batch > 1, under 8x8 outputs
@@ -66,7 +69,7 @@ constexpr int64_t kSmallPlane = 64;
 constexpr double kDenseAboveBackward = 0.2;
 
 // Which forward kernel the compacted path runs, as far as the thresholds tell them apart.
-enum class ForwardKernel { kIndirect, kFloat32, kOther };
+enum class ForwardKernel { kPadded, kIndirect, kFloat32, kOther };
 
 // CONDKERNELS_GATED_DENSE_ABOVE overrides the thresholds (2 = never dense, -1 = always dense); the
 // tests use it to run both paths and the benchmark to measure the crossover.
@@ -75,6 +78,7 @@ double dense_above_work_fraction(const ConvGeometry& g, bool backward, ForwardKe
   if (env != nullptr) return std::atof(env);
   if (backward) return kDenseAboveBackward;
   const bool small_plane = g.out_h * g.out_w < kSmallPlane;
+  if (kernel == ForwardKernel::kPadded) return kDenseAbovePadded;
   if (kernel == ForwardKernel::kIndirect) {
     if (g.batch == 1) return small_plane ? kDenseAboveIndirectSingleSmall : kDenseAboveIndirectSingle;
     return small_plane ? kDenseAboveIndirectSmallPlanes : kDenseAboveIndirect;
@@ -556,7 +560,8 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
             if (w_rows.empty()) continue;
             const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
                                         static_cast<int64_t>(w_rows.size())};
-            const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), kk, cols + offset[b - b0] * ld, ld};
+            const auto in = cpu::IndirectCols::im2col(chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
+                                                      cols + offset[b - b0] * ld, ld);
             cpu::indirect_gemm(out, in, positions);
           }
         }
@@ -571,6 +576,160 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   } else {
     examples(0, g.batch, /*split=*/true);
   }
+}
+
+// --- float32 forward on zero-padded planes (stride 1) ------------------------------------------------
+
+// Which stride-1 planes take padded_forward (float32, AVX-512), from `python -m condkernels.bench
+// --suite gated --full --paths` (`compacted padded=0|1`) on a 2-core Intel Xeon (AVX-512): at batch 1
+// it beat the oneDNN/im2col paths on 14x14 to 56x56 planes at every density (64 @ 56x56, density 0.5:
+// 0.49-0.50 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against 0.58-0.67) and lost on 7x7 (512
+// channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9 cost more than the im2col there);
+// at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate, density 0.25: 9.3 ms against 12.9)
+// and tied oneDNN per example on the larger planes (within 10% either way).
+// CONDKERNELS_GATED_PADDED_POSITIONS overrides the single-example limit (a huge value: never; 0:
+// wherever it applies) for measurements and tests.
+constexpr int64_t kPaddedMinPositions = 100;
+constexpr int64_t kPaddedMinPositionsBatched = 49;
+
+bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
+  const char* env = std::getenv("CONDKERNELS_GATED_PADDED_POSITIONS");
+  const int64_t positions = g.out_h * g.out_w;
+  const bool large_enough = env != nullptr ? positions >= std::atoll(env)
+                                           : positions >= (g.batch > 1 ? kPaddedMinPositionsBatched : kPaddedMinPositions);
+  return large_enough && x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
+         g.stride_h == 1 && g.stride_w == 1 && g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
+         cpu::indirect_gemm_available();
+}
+
+// Output rows per tile: about this many pixels of the padded width, so that a tile's slice of the
+// planes and its block of results stay in the core's L2 cache.
+constexpr int64_t kPaddedTilePixels = 256;
+
+// Scratch-pool slots: every example's padded planes (caller's thread), a tile's results (each worker).
+constexpr int kPaddedPlanesSlot = 9;
+constexpr int kPaddedTileSlot = 8;
+
+// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, stride 1, NCHW contiguous x
+// and y, without im2col: the example's open input channels are copied once into zero-padded planes
+// of width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
+// padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
+// pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
+// (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56). Tiles of
+// whole output rows (times chunks of output channels when they are too few for the threads) are
+// spread across the threads; each writes its open channels' rows of y, and zeros for closed ones.
+void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
+                    const float* out_gate, const ConvGeometry& g, float* y) {
+  const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
+  const int64_t positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
+  const int64_t hp = g.in_h + g.pad_h_begin + g.pad_h_end, wp = g.in_w + g.pad_w_begin + g.pad_w_end;
+  // The last vector of the last tile reads up to 15 pixels past the plane's last output row.
+  const int64_t plane_stride = round_up(hp * wp + 16 + (g.kernel_w - 1) * g.dilation_w, 16);
+  const int threads = at::get_num_threads();
+  // Tiles of equal rows, as many as the threads can share evenly when the examples are few.
+  int64_t tiles = (g.out_h * wp + kPaddedTilePixels - 1) / kPaddedTilePixels;
+  if (g.batch < threads) tiles = round_up(tiles, threads / g.batch);
+  const int64_t tile_rows = (g.out_h + std::min(tiles, g.out_h) - 1) / std::min(tiles, g.out_h);
+  tiles = (g.out_h + tile_rows - 1) / tile_rows;
+  const int64_t tile_ld = round_up(tile_rows * wp, 16);
+  const float* x_p = x.data_ptr<float>();
+  const float* w_p = weight.data_ptr<float>();
+
+  std::vector<OpenChannels> ins(g.batch);
+  std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
+  for (int64_t b = 0; b < g.batch; ++b) {
+    ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
+    chan[b].resize(ins[b].count(0));
+    for (int64_t i = 0; i < ins[b].count(0); ++i) chan[b][i] = static_cast<int32_t>(ins[b].of(0)[i] * kk);
+  }
+
+  // Open channels [i0, i1) of example b into its padded planes; only pixels read from x are scaled,
+  // so the padding stays 0 even for a NaN or infinite gate.
+  auto pad_planes = [&](int64_t b, int64_t i0, int64_t i1, float* planes) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = ins[b].of(0)[i];
+      const float* src = x_p + (b * cin + c) * plane;
+      const float s = in_gate ? in_gate[b * cin + c] : 1.0f;
+      float* dst = planes + i * plane_stride;
+      std::fill(dst, dst + g.pad_h_begin * wp, 0.0f);
+      for (int64_t h = 0; h < g.in_h; ++h) {
+        float* row = dst + (g.pad_h_begin + h) * wp;
+        const float* in_row = src + h * g.in_w;
+        std::fill(row, row + g.pad_w_begin, 0.0f);
+        if (s == 1.0f) std::copy(in_row, in_row + g.in_w, row + g.pad_w_begin);
+        else for (int64_t w = 0; w < g.in_w; ++w) row[g.pad_w_begin + w] = in_row[w] * s;
+        std::fill(row + g.pad_w_begin + g.in_w, row + wp, 0.0f);
+      }
+      std::fill(dst + (g.pad_h_begin + g.in_h) * wp, dst + plane_stride, 0.0f);
+    }
+  };
+
+  // Output channels [c0, c1) of tile `tile` of example b, from its padded planes.
+  auto compute_tile = [&](int64_t b, int64_t tile, int64_t c0, int64_t c1, const float* planes) {
+    const int64_t oh0 = tile * tile_rows, rows = std::min(tile_rows, g.out_h - oh0);
+    const float* og = out_gate ? out_gate + b * cout : nullptr;
+    float* y_b = y + b * cout * positions;
+    float* buf = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
+        kPaddedTileSlot, static_cast<size_t>(std::max<int64_t>(c1 - c0, 1) * tile_ld) * 4));
+    std::vector<const float*> w_rows;
+    std::vector<float*> dst;
+    std::vector<float> bias_v, scale_v;
+    std::vector<int64_t> channel;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
+        std::fill(y_b + c * positions + oh0 * g.out_w, y_b + c * positions + (oh0 + rows) * g.out_w, 0.0f);
+        continue;
+      }
+      w_rows.push_back(w_p + c * cin * kk);
+      dst.push_back(buf + static_cast<int64_t>(channel.size()) * tile_ld);
+      bias_v.push_back(bias ? bias[c] : 0.0f);
+      scale_v.push_back(og ? og[c] : 1.0f);
+      channel.push_back(c);
+    }
+    if (channel.empty()) return;
+    const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                                static_cast<int64_t>(w_rows.size())};
+    const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
+                               planes + oh0 * wp, plane_stride, g.dilation_h * wp, g.dilation_w};
+    cpu::indirect_gemm(out, in, rows * wp);
+    for (size_t r = 0; r < channel.size(); ++r)
+      for (int64_t h = 0; h < rows; ++h)
+        std::copy(dst[r] + h * wp, dst[r] + h * wp + g.out_w, y_b + channel[r] * positions + (oh0 + h) * g.out_w);
+  };
+
+  if (g.batch >= 2 * threads) {  // whole examples per thread, each padded in the thread's own buffer
+    at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
+            kPaddedPlanesSlot, static_cast<size_t>(std::max<int64_t>(ins[b].count(0), 1) * plane_stride) * 4));
+        pad_planes(b, 0, ins[b].count(0), planes);
+        for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(b, tile, 0, cout, planes);
+      }
+    });
+    return;
+  }
+  // Few examples: pad them all (channels across the threads), then split tiles and channel chunks.
+  std::vector<int64_t> first(g.batch + 1, 0);  // example b's planes start at plane first[b]
+  for (int64_t b = 0; b < g.batch; ++b) first[b + 1] = first[b] + ins[b].count(0);
+  float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
+      kPaddedPlanesSlot, static_cast<size_t>(std::max<int64_t>(first[g.batch], 1) * plane_stride) * 4));
+  at::parallel_for(0, first[g.batch], 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t b = 0; b < g.batch; ++b) {
+      const int64_t i0 = std::max(p0, first[b]) - first[b], i1 = std::min(p1, first[b + 1]) - first[b];
+      if (i0 < i1) pad_planes(b, i0, i1, planes + first[b] * plane_stride);
+    }
+  });
+  const int64_t want = 2 * threads;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((want + g.batch * tiles - 1) / (g.batch * tiles),
+                                                                (cout + 15) / 16));
+  const int64_t chunk = round_up((cout + chunks - 1) / chunks, 8);
+  const int64_t per_example = tiles * chunks;
+  at::parallel_for(0, g.batch * per_example, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / per_example, tile = (i % per_example) / chunks, k = i % chunks;
+      compute_tile(b, tile, k * chunk, std::min(cout, (k + 1) * chunk), planes + first[b] * plane_stride);
+    }
+  });
 }
 
 at::Tensor channel_scale(const at::Tensor& gate) { return gate.view({gate.size(0), gate.size(1), 1, 1}); }
@@ -626,9 +785,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  const bool indirect = use_indirect(x, g, with_ungated, in_gate.has_value());
+  const bool padded = use_padded(x, g, with_ungated);
+  const bool indirect = !padded && use_indirect(x, g, with_ungated, in_gate.has_value());
   ForwardKernel kernel = ForwardKernel::kOther;
-  if (indirect) kernel = ForwardKernel::kIndirect;
+  if (padded) kernel = ForwardKernel::kPadded;
+  else if (indirect) kernel = ForwardKernel::kIndirect;
   else if (x.scalar_type() == at::kFloat && g.groups == 1) kernel = ForwardKernel::kFloat32;
   if (fraction > dense_above_work_fraction(g, /*backward=*/false, kernel)) {
     at::Tensor z = dense_ungated(x_in, weight, bias, in_gate, g, stride, dilation).contiguous(memory_format);
@@ -636,6 +797,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     return {gated(z, *out_gate).contiguous(memory_format), with_ungated ? z : at::Tensor()};
   }
 
+  if (padded) {
+    at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+    padded_forward(x, weight, optional_data<float>(bias), optional_data<float>(in_gate),
+                   optional_data<float>(out_gate), g, y.data_ptr<float>());
+    return {y.contiguous(memory_format), at::Tensor()};
+  }
   if (indirect) {
     at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
     indirect_forward(x, weight, optional_data<float>(bias), optional_data<float>(in_gate),

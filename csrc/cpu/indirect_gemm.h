@@ -1,16 +1,19 @@
 // Indirect GEMM of gated_conv2d's float32 forward: each output row reads its weights in place,
 // through a list of column indices, so an example's open filters are never gathered or reordered.
 //
-//   dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r
+//   dst_r[p] = (sum_{i, kh, kw} w_r[chan[i] + kh * KW + kw] * col(i, kh, kw)[p] + bias_r) * scale_r
 //
-// w_r is one output channel's row of the (cout, cin * kh * kw) weight, chan[i] = (i-th open input
-// channel) * kk, and cols is an example's im2col of its open channels (rows `ld` floats apart, zero
-// past the last pixel). Registers hold a block of M output rows x V vectors of 16 pixels; each
-// (channel, tap) loads the V pixel vectors once and broadcasts one weight per row. Vectorising
-// along the pixels (not the output channels) is what lets every row be any channel of the weight as
-// it lies in memory, and an out_gate simply skip rows; the price is the padding lanes of planes
-// that are not whole vectors (49 of 64 on 7x7). AVX-512 only, picked at run time; callers keep
-// another path for CPUs without it.
+// w_r is one output channel's row of the (cout, cin * KH * KW) weight, chan[i] = (i-th open input
+// channel) * KH * KW, and col(i, kh, kw) the pixels tap (kh, kw) of the i-th open channel reads,
+// found at cols + i * chan_stride + kh * row_step + kw * col_step. Two layouts fill that form: an
+// example's im2col of its open channels (rows `ld` apart), and, for stride 1, the open channels'
+// zero-padded planes themselves, where the pixels of one tap are the plane shifted by the tap's
+// offset (no im2col; see gated_conv2d.cpp, padded_forward). Registers hold a block of M output rows
+// x V vectors of 16 pixels; each (channel, tap) loads the V pixel vectors once and broadcasts one
+// weight per row. Vectorising along the pixels (not the output channels) is what lets every row be
+// any channel of the weight as it lies in memory, and an out_gate simply skip rows; the price is
+// the padding lanes of planes that are not whole vectors (49 of 64 on 7x7). AVX-512 only, picked
+// at run time; callers keep another path for CPUs without it.
 #pragma once
 
 #include <cstdint>
@@ -33,13 +36,20 @@ struct IndirectRows {
   int64_t count;
 };
 
-// One example's columns: chan[i] = (i-th open input channel) * kk; cols rows i * kk + t hold its tap
-// t, `ld` floats apart, zero past the last pixel.
+// One example's columns: tap (kh, kw) of its i-th open channel reads the consecutive pixels from
+// cols + i * chan_stride + kh * row_step + kw * col_step on (entries past the last pixel are read
+// and must be finite; what they give is not stored).
 struct IndirectCols {
-  const int32_t* chan;
-  int64_t n_chan, kk;
+  const int32_t* chan;  // chan[i]: where the i-th open channel's taps start in a weight row
+  int64_t n_chan, kernel_h, kernel_w;
   const float* cols;
-  int64_t ld;
+  int64_t chan_stride, row_step, col_step;
+
+  // An im2col of the open channels: row (i * kernel_h + kh) * kernel_w + kw at cols + row * ld.
+  static IndirectCols im2col(const int32_t* chan, int64_t n_chan, int64_t kernel_h, int64_t kernel_w,
+                             const float* cols, int64_t ld) {
+    return {chan, n_chan, kernel_h, kernel_w, cols, kernel_h * kernel_w * ld, kernel_w * ld, ld};
+  }
 };
 
 inline bool indirect_gemm_available() { return has_avx512f(); }
@@ -56,16 +66,16 @@ constexpr int indirect_max_rows(int v) { return v == 4 ? 6 : 8; }
 // prefetchers do not follow. (Prefetching the piece's last line too measured no faster.)
 constexpr int64_t kIndirectPrefetchChannels = 4;
 
-// One register block: M rows x V pixel vectors from pixel p0. KK is kk when fixed at compile time
-// (9) or 0 for any.
-template <int M, int V, int KK>
+// One register block: M rows x V pixel vectors from pixel p0. K3 when the kernel is 3x3 (taps
+// unrolled at compile time), else any size.
+template <int M, int V, bool K3>
 __attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const IndirectCols& in,
                                                               float* const* dst, const float* bias,
                                                               const float* scale, int64_t p0,
                                                               __mmask16 last_mask) {
-  const int64_t kk = KK > 0 ? KK : in.kk;
+  const int64_t kernel_h = K3 ? 3 : in.kernel_h, kernel_w = K3 ? 3 : in.kernel_w;
   const int32_t* chan = in.chan;
-  const int64_t n_chan = in.n_chan, ld = in.ld;
+  const int64_t n_chan = in.n_chan, row_step = in.row_step, col_step = in.col_step;
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -74,8 +84,8 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
   const float* wr[M];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) wr[m] = w[m];
-  const float* c = in.cols + p0;
-  for (int64_t i = 0; i < n_chan; ++i) {
+  const float* c_chan = in.cols + p0;
+  for (int64_t i = 0; i < n_chan; ++i, c_chan += in.chan_stride) {
     if (i + kIndirectPrefetchChannels < n_chan) {
       const int32_t ahead = chan[i + kIndirectPrefetchChannels];
 #pragma GCC unroll 8
@@ -83,17 +93,22 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
         _mm_prefetch(reinterpret_cast<const char*>(wr[m] + ahead), _MM_HINT_T0);
       }
     }
-    const int32_t base = chan[i];
-#pragma GCC unroll 9
-    for (int64_t t = 0; t < kk; ++t, c += ld) {
-      __m512 x[V];
+    int32_t tap = chan[i];
+#pragma GCC unroll 3
+    for (int64_t kh = 0; kh < kernel_h; ++kh) {
+#pragma GCC unroll 3
+      for (int64_t kw = 0; kw < kernel_w; ++kw, ++tap) {
+        const float* c = c_chan + kh * row_step + kw * col_step;
+        __m512 x[V];
+        // Unaligned: a padded plane's taps are shifted by single pixels.
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) x[v] = _mm512_load_ps(c + 16 * v);
+        for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_ps(c + 16 * v);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const __m512 b = _mm512_set1_ps(wr[m][base + t]);
+        for (int m = 0; m < M; ++m) {
+          const __m512 b = _mm512_set1_ps(wr[m][tap]);
 #pragma GCC unroll 4
-        for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(b, x[v], acc[m][v]);
+          for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(b, x[v], acc[m][v]);
+        }
       }
     }
   }
@@ -111,35 +126,36 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
   }
 }
 
-template <int V, int KK>
+template <int V, bool K3>
 __attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows& rows, const IndirectCols& in,
                                                              int64_t p0, __mmask16 last_mask) {
   constexpr int kM = indirect_max_rows(V);
   int64_t r = 0;
   for (; r + kM <= rows.count; r += kM)
-    indirect_block<kM, V, KK>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask);
+    indirect_block<kM, V, K3>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask);
   const int64_t left = rows.count - r;
   auto w = rows.weight + r;
   auto d = rows.dst + r;
   auto b = rows.bias + r;
   auto s = rows.scale + r;
   switch (left) {
-    case 1: indirect_block<1, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 2: indirect_block<2, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 3: indirect_block<3, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 4: indirect_block<4, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 5: indirect_block<5, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 6: if constexpr (kM > 6) indirect_block<6, V, KK>(w, in, d, b, s, p0, last_mask); break;
-    case 7: if constexpr (kM > 7) indirect_block<7, V, KK>(w, in, d, b, s, p0, last_mask); break;
+    case 1: indirect_block<1, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 2: indirect_block<2, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 3: indirect_block<3, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 4: indirect_block<4, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 5: indirect_block<5, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 6: if constexpr (kM > 6) indirect_block<6, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 7: if constexpr (kM > 7) indirect_block<7, V, K3>(w, in, d, b, s, p0, last_mask); break;
     default: break;
   }
 }
 
 template <int V>
-__attribute__((target("avx512f"))) inline void indirect_rows_any_kk(const IndirectRows& rows, const IndirectCols& in,
-                                                                    int64_t p0, __mmask16 last_mask) {
-  if (in.kk == 9) indirect_rows<V, 9>(rows, in, p0, last_mask);
-  else indirect_rows<V, 0>(rows, in, p0, last_mask);
+__attribute__((target("avx512f"))) inline void indirect_rows_any_kernel(const IndirectRows& rows,
+                                                                        const IndirectCols& in, int64_t p0,
+                                                                        __mmask16 last_mask) {
+  if (in.kernel_h == 3 && in.kernel_w == 3) indirect_rows<V, true>(rows, in, p0, last_mask);
+  else indirect_rows<V, false>(rows, in, p0, last_mask);
 }
 
 // Every row of `rows` over every pixel: the pixel vectors are split into blocks of at most
@@ -155,10 +171,10 @@ __attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const Indire
     const int64_t tail = positions - (v0 + v - 1) * 16;  // pixels in the block's last vector
     const __mmask16 mask = tail >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tail) - 1);
     switch (v) {
-      case 1: indirect_rows_any_kk<1>(rows, in, p0, mask); break;
-      case 2: indirect_rows_any_kk<2>(rows, in, p0, mask); break;
-      case 3: indirect_rows_any_kk<3>(rows, in, p0, mask); break;
-      default: indirect_rows_any_kk<4>(rows, in, p0, mask); break;
+      case 1: indirect_rows_any_kernel<1>(rows, in, p0, mask); break;
+      case 2: indirect_rows_any_kernel<2>(rows, in, p0, mask); break;
+      case 3: indirect_rows_any_kernel<3>(rows, in, p0, mask); break;
+      default: indirect_rows_any_kernel<4>(rows, in, p0, mask); break;
     }
     v0 += v;
   }
@@ -166,8 +182,8 @@ __attribute__((target("avx512f"))) inline void indirect_gemm_avx512(const Indire
 
 #endif
 
-// dst_r[p] = (sum_{i, t} w_r[chan[i] + t] * cols[(i * kk + t) * ld + p] + bias_r) * scale_r for every
-// row r of `rows` and pixel p < positions. Only to be called where indirect_gemm_available().
+// dst_r[p] = (sum_{i, kh, kw} w_r[chan[i] + kh * kernel_w + kw] * col(i, kh, kw)[p] + bias_r) * scale_r
+// for every row r of `rows` and pixel p < positions. Only to be called where indirect_gemm_available().
 inline void indirect_gemm(const IndirectRows& rows, const IndirectCols& in, int64_t positions) {
 #ifdef CONDKERNELS_INDIRECT_GEMM
   indirect_gemm_avx512(rows, in, positions);
