@@ -606,16 +606,16 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
 // planes and its block of results stay in the core's L2 cache.
 constexpr int64_t kPaddedTilePixels = 256;
 
-// Scratch-pool slots: every example's padded planes (caller's thread), a tile's results (each worker).
+// The scratch-pool slot of the padded planes.
 constexpr int kPaddedPlanesSlot = 9;
-constexpr int kPaddedTileSlot = 8;
 
 // y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, stride 1, NCHW contiguous x
 // and y, without im2col: the example's open input channels are copied once into zero-padded planes
 // of width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
 // padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
 // pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
-// (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56). Tiles of
+// (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56) as the
+// results are stored. Tiles of
 // whole output rows (times chunks of output channels when they are too few for the threads) are
 // spread across the threads; each writes its open channels' rows of y, and zeros for closed ones.
 void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
@@ -664,37 +664,47 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     }
   };
 
-  // Output channels [c0, c1) of tile `tile` of example b, from its padded planes.
+  // The tile's pixels run along the padded width; its vector i stores the lanes that are outputs
+  // (ow < out_w), packed, at their place in y. Every tile starts at an output row, so one pattern
+  // serves all.
+  const int64_t tile_vectors = tile_ld / 16;
+  std::vector<int64_t> compact_offset(tile_vectors);
+  std::vector<uint16_t> compact_mask(tile_vectors);
+  for (int64_t i = 0; i < tile_vectors; ++i) {
+    const int64_t q = 16 * i;
+    compact_offset[i] = q / wp * g.out_w + std::min(q % wp, g.out_w);
+    uint16_t mask = 0;
+    for (int64_t lane = 0; lane < 16; ++lane)
+      if ((q + lane) % wp < g.out_w) mask |= static_cast<uint16_t>(1u << lane);
+    compact_mask[i] = mask;
+  }
+
+  // Output channels [c0, c1) of tile `tile` of example b, from its padded planes, into y.
   auto compute_tile = [&](int64_t b, int64_t tile, int64_t c0, int64_t c1, const float* planes) {
     const int64_t oh0 = tile * tile_rows, rows = std::min(tile_rows, g.out_h - oh0);
     const float* og = out_gate ? out_gate + b * cout : nullptr;
-    float* y_b = y + b * cout * positions;
-    float* buf = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
-        kPaddedTileSlot, static_cast<size_t>(std::max<int64_t>(c1 - c0, 1) * tile_ld) * 4));
+    float* y_b = y + b * cout * positions + oh0 * g.out_w;
     std::vector<const float*> w_rows;
     std::vector<float*> dst;
     std::vector<float> bias_v, scale_v;
-    std::vector<int64_t> channel;
     for (int64_t c = c0; c < c1; ++c) {
       if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
-        std::fill(y_b + c * positions + oh0 * g.out_w, y_b + c * positions + (oh0 + rows) * g.out_w, 0.0f);
+        std::fill(y_b + c * positions, y_b + c * positions + rows * g.out_w, 0.0f);
         continue;
       }
       w_rows.push_back(w_p + c * cin * kk);
-      dst.push_back(buf + static_cast<int64_t>(channel.size()) * tile_ld);
+      dst.push_back(y_b + c * positions);
       bias_v.push_back(bias ? bias[c] : 0.0f);
       scale_v.push_back(og ? og[c] : 1.0f);
-      channel.push_back(c);
     }
-    if (channel.empty()) return;
-    const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
-                                static_cast<int64_t>(w_rows.size())};
+    if (w_rows.empty()) return;
+    cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
+                          static_cast<int64_t>(w_rows.size())};
+    out.compact_offset = compact_offset.data();
+    out.compact_mask = compact_mask.data();
     const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
                                planes + oh0 * wp, plane_stride, g.dilation_h * wp, g.dilation_w};
     cpu::indirect_gemm(out, in, rows * wp);
-    for (size_t r = 0; r < channel.size(); ++r)
-      for (int64_t h = 0; h < rows; ++h)
-        std::copy(dst[r] + h * wp, dst[r] + h * wp + g.out_w, y_b + channel[r] * positions + (oh0 + h) * g.out_w);
   };
 
   if (g.batch >= 2 * threads) {  // whole examples per thread, each padded in the thread's own buffer

@@ -34,6 +34,11 @@ struct IndirectRows {
   const float* bias;   // per row
   const float* scale;  // per row
   int64_t count;
+  // Set where only some pixels are outputs (padded planes: the columns past each output row are
+  // not): vector i of the call (pixels 16i .. 16i + 15) stores the lanes of compact_mask[i], packed
+  // together, from dst + compact_offset[i]. Unset: pixel p goes to dst + p.
+  const int64_t* compact_offset = nullptr;
+  const uint16_t* compact_mask = nullptr;
 };
 
 // One example's columns: tap (kh, kw) of its i-th open channel reads the consecutive pixels from
@@ -66,16 +71,22 @@ constexpr int indirect_max_rows(int v) { return v == 4 ? 6 : 8; }
 // prefetchers do not follow. (Prefetching the piece's last line too measured no faster.)
 constexpr int64_t kIndirectPrefetchChannels = 4;
 
-// One register block: M rows x V pixel vectors from pixel p0. K3 when the kernel is 3x3 (taps
-// unrolled at compile time), else any size.
-template <int M, int V, bool K3>
+// Kernel shapes compiled with their taps unrolled: 3x3 with any steps (im2col), 3x3 whose
+// column step is one pixel (padded planes, no dilation: the taps of a row are immediate offsets,
+// which frees the registers the step arithmetic would take), anything else at run time.
+enum class Taps { kAny, k3x3, k3x3Unit };
+
+// One register block: M rows x V pixel vectors from pixel p0.
+template <int M, int V, Taps T>
 __attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const IndirectCols& in,
                                                               float* const* dst, const float* bias,
                                                               const float* scale, int64_t p0,
-                                                              __mmask16 last_mask) {
+                                                              __mmask16 last_mask, const IndirectRows& layout) {
+  constexpr bool K3 = T != Taps::kAny;
   const int64_t kernel_h = K3 ? 3 : in.kernel_h, kernel_w = K3 ? 3 : in.kernel_w;
   const int32_t* chan = in.chan;
-  const int64_t n_chan = in.n_chan, row_step = in.row_step, col_step = in.col_step;
+  const int64_t n_chan = in.n_chan, row_step = in.row_step;
+  const int64_t col_step = T == Taps::k3x3Unit ? 1 : in.col_step;
   __m512 acc[M][V];
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
@@ -115,37 +126,43 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
     const __m512 bv = _mm512_set1_ps(bias[m]), sv = _mm512_set1_ps(scale[m]);
-    float* d = dst[m] + p0;
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       // (acc + bias) * scale, rounded after each step as the generic epilogue does.
       const __m512 y = _mm512_mul_ps(_mm512_add_ps(acc[m][v], bv), sv);
-      if (v == V - 1) _mm512_mask_storeu_ps(d + 16 * v, last_mask, y);
-      else _mm512_storeu_ps(d + 16 * v, y);
+      const __mmask16 k = v == V - 1 ? last_mask : static_cast<__mmask16>(0xFFFF);
+      if (layout.compact_offset != nullptr) {
+        const int64_t i = p0 / 16 + v;
+        const __mmask16 keep = k & layout.compact_mask[i];
+        const __mmask16 packed = static_cast<__mmask16>((1u << __builtin_popcount(keep)) - 1);
+        _mm512_mask_storeu_ps(dst[m] + layout.compact_offset[i], packed, _mm512_maskz_compress_ps(keep, y));
+      } else {
+        _mm512_mask_storeu_ps(dst[m] + p0 + 16 * v, k, y);
+      }
     }
   }
 }
 
-template <int V, bool K3>
+template <int V, Taps T>
 __attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows& rows, const IndirectCols& in,
                                                              int64_t p0, __mmask16 last_mask) {
   constexpr int kM = indirect_max_rows(V);
   int64_t r = 0;
   for (; r + kM <= rows.count; r += kM)
-    indirect_block<kM, V, K3>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask);
+    indirect_block<kM, V, T>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask, rows);
   const int64_t left = rows.count - r;
   auto w = rows.weight + r;
   auto d = rows.dst + r;
   auto b = rows.bias + r;
   auto s = rows.scale + r;
   switch (left) {
-    case 1: indirect_block<1, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 2: indirect_block<2, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 3: indirect_block<3, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 4: indirect_block<4, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 5: indirect_block<5, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 6: if constexpr (kM > 6) indirect_block<6, V, K3>(w, in, d, b, s, p0, last_mask); break;
-    case 7: if constexpr (kM > 7) indirect_block<7, V, K3>(w, in, d, b, s, p0, last_mask); break;
+    case 1: indirect_block<1, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 2: indirect_block<2, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 3: indirect_block<3, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 4: indirect_block<4, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 5: indirect_block<5, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 6: if constexpr (kM > 6) indirect_block<6, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+    case 7: if constexpr (kM > 7) indirect_block<7, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
     default: break;
   }
 }
@@ -154,8 +171,9 @@ template <int V>
 __attribute__((target("avx512f"))) inline void indirect_rows_any_kernel(const IndirectRows& rows,
                                                                         const IndirectCols& in, int64_t p0,
                                                                         __mmask16 last_mask) {
-  if (in.kernel_h == 3 && in.kernel_w == 3) indirect_rows<V, true>(rows, in, p0, last_mask);
-  else indirect_rows<V, false>(rows, in, p0, last_mask);
+  if (in.kernel_h == 3 && in.kernel_w == 3 && in.col_step == 1) indirect_rows<V, Taps::k3x3Unit>(rows, in, p0, last_mask);
+  else if (in.kernel_h == 3 && in.kernel_w == 3) indirect_rows<V, Taps::k3x3>(rows, in, p0, last_mask);
+  else indirect_rows<V, Taps::kAny>(rows, in, p0, last_mask);
 }
 
 // Every row of `rows` over every pixel: the pixel vectors are split into blocks of at most
