@@ -22,5 +22,16 @@ def cuda_built() -> bool:
     return _CUDA_BUILT
 
 
+def empty_cpu_cache() -> int:
+    """Frees the CPU output buffers condkernels keeps for reuse and returns how many bytes that was.
+
+    Outputs of 32 MB and more that the CPU kernels allocate on every call (cond_conv2d's
+    expert-weight gradient) keep their memory when the tensor dies and the next call of the same
+    size reuses it, which saves the page faults of fresh memory on every training step. At most
+    ``CONDKERNELS_CPU_OUTPUT_CACHE_MB`` (default 1024; 0 disables the cache) of free buffers are kept.
+    """
+    return torch.ops.condkernels._empty_cpu_output_cache()
+
+
 def triton_available() -> bool:
     return _TRITON_AVAILABLE

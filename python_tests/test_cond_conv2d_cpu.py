@@ -4,9 +4,12 @@ the op itself, bfloat16, channels_last with odd shapes and every output_mask of 
 against the float64 per-example oracle."""
 
 import itertools
+import os
 
 import pytest
 import torch
+
+import condkernels
 
 from test_cond_conv2d import make_inputs, per_example_oracle
 
@@ -244,3 +247,43 @@ def test_gradcheck_mix_gemm_strided_pointwise_channels_last():
     inputs = [t.requires_grad_(True) for t in (x, r, w, b)]
     fn = lambda *a: OP(*a, [2, 2], [0, 0, 0, 0], [1, 1], 1)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(os.environ.get("CONDKERNELS_CPU_OUTPUT_CACHE_MB", "1024") in ("0", ""),
+                    reason="the CPU output cache is turned off")
+def test_large_weight_gradient_from_the_output_cache():
+    """Expert gradients of 32 MB and more come from reused buffers (never zeroed): every reuse is
+    fully overwritten, a gradient still alive is never handed out again, and the cache empties."""
+    batch, cin, cout, experts, k = 2, 512, 256, 8, 3  # float32 gradient: 37.7 MB
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, cin, 3, 3, generator=gen)
+    w = torch.randn(experts, cout, cin, k, k, generator=gen) * 0.05
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    condkernels.empty_cpu_cache()
+
+    def weight_grad(seed):
+        r = torch.rand(batch, experts, generator=torch.Generator().manual_seed(seed))
+        go = torch.randn(batch, cout, 3, 3, generator=torch.Generator().manual_seed(seed + 1))
+        got = BACKWARD(go, x, r, w, None, *args, [False, False, True, False])[2]
+        # dW_e = sum_b r[b, e] dW_b, dW_b from the library's float64 convolution backward.
+        dw_b = torch.stack([
+            torch.ops.aten.convolution_backward(
+                go[i:i + 1].double(), x[i:i + 1].double(), w[0].double(), None, [1, 1], [1, 1], [1, 1], False,
+                [0, 0], 1, [False, True, False])[1]
+            for i in range(batch)])
+        want = torch.einsum("be,b...->e...", r.double(), dw_b)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        return got
+
+    first = weight_grad(0)
+    first_copy = first.clone()
+    second = weight_grad(10)  # `first` alive: a buffer of its own
+    assert second.data_ptr() != first.data_ptr()
+    assert torch.equal(first, first_copy)
+    freed = {first.data_ptr(), second.data_ptr()}
+    del first, second
+    third = weight_grad(20)  # a freed buffer, full of earlier gradients, comes back and is overwritten
+    assert third.data_ptr() in freed
+    del third
+    assert condkernels.empty_cpu_cache() >= 2 * experts * cout * cin * k * k * 4
+    assert condkernels.empty_cpu_cache() == 0

@@ -34,6 +34,7 @@
 #include "cpu/im2col.h"
 #include "cpu/library_conv.h"
 #include "cpu/mixing.h"
+#include "cpu/output_cache.h"
 #include "ops/cond_conv2d.h"
 
 namespace condkernels {
@@ -251,7 +252,8 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   at::Tensor grad_x = mask[0] ? at::empty_like(x, x.options().memory_format(format_of(channels_last)))
                               : empty();
   at::Tensor grad_routing = mask[1] ? at::empty_like(routing) : empty();
-  at::Tensor grad_weight = mask[2] ? at::empty_like(weight) : empty();
+  // E x the static layer's weight gradient: tens of MB for wide layers, kept between steps.
+  at::Tensor grad_weight = mask[2] ? cpu::empty_cached(weight.sizes(), weight.options()) : empty();
   at::Tensor grad_bias = empty();
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
