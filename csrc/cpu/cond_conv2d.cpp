@@ -35,6 +35,7 @@
 #include "cpu/library_conv.h"
 #include "cpu/mixing.h"
 #include "cpu/output_cache.h"
+#include "cpu/scratch_pool.h"
 #include "ops/cond_conv2d.h"
 
 namespace condkernels {
@@ -140,12 +141,24 @@ at::Tensor group_columns(const at::Tensor& cols_b, bool channels_last, int64_t g
   return channels_last ? cols_b.narrow(1, grp * Kg, Kg) : cols_b.narrow(0, grp * Kg, Kg);
 }
 
+// Tiles of mixed weights and of per-example weight gradients live in the calling thread's scratch
+// pool: a fresh allocation of their few to tens of MB per tile is mapped anew by glibc, and its page
+// faults cost more than the mixing that fills it. A tile is dead before the next one is asked for.
+constexpr int kMixedSlot = 0, kWeightGradSlot = 1;
+
+at::Tensor pooled(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  void* p = cpu::ScratchPool::of_this_thread().get(slot, static_cast<size_t>(numel) * options.dtype().itemsize());
+  return at::from_blob(p, sizes, options);
+}
+
 // Mixed weights of output channels [o0, o0 + T) for examples [b0, b0 + n): (n, T, Kg), with the
 // columns in the order `example_columns` uses for this layout.
 at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, const ConvGeometry& g,
                     bool channels_last, int64_t b0, int64_t n, int64_t o0, int64_t T) {
   const int64_t taps = g.kernel_h * g.kernel_w, Cg = g.in_channels_per_group(), Kg = Cg * taps;
-  at::Tensor mixed = at::empty({n, T * Kg}, weight_flat.options());
+  at::Tensor mixed = pooled(kMixedSlot, {n, T * Kg}, weight_flat.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mixed.scalar_type(), "cond_conv2d_mix", [&] {
     mixing::mix_columns<at::opmath_type<scalar_t>, scalar_t>(
         routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), routing.size(1), 1,
@@ -278,7 +291,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
         const at::Tensor mixed =
             mask[0] ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
         // Per-example weight gradients of this tile, (n, T, Kg) in the columns' order.
-        const at::Tensor dw_tile = need_dw ? at::empty({n, T, Kg}, x.options()) : at::Tensor();
+        const at::Tensor dw_tile = need_dw ? pooled(kWeightGradSlot, {n, T, Kg}, x.options()) : at::Tensor();
         for_each_example(n, [&](int64_t i) {
           const at::Tensor go = channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
                                               : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
