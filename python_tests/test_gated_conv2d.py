@@ -351,6 +351,16 @@ def test_single_example_spatial_paths(gemm_positions, which, groups, dtype, monk
                                    **tol)
 
 
+def assert_float32_inference(y, want, og, channels_last):
+    """y against the float64 oracle, in x's memory format, with closed outputs exactly 0."""
+    assert y.dtype == torch.float32 and y.shape == want.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
+    if og is not None:
+        assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
+
+
 # float32 inference with an in_gate on planes up to 16x16 (any gates under 8x8) takes the indirect
 # GEMM on AVX-512 CPUs: odd channel counts (row blocks of every height), planes of 1 to 4 pixel
 # vectors and their tails, strided and padded.
@@ -384,12 +394,7 @@ def test_float32_inference_indirect_gemm(shape, which, indirect, monkeypatch):
     with torch.no_grad():
         y = condkernels.gated_conv2d(x, w, b, ig, og, stride=stride, padding=padding)
     want = oracle_for(dict(cfg, stride=stride, padding=padding, dilation=1), x, w, b, ig, og)
-    assert y.dtype == torch.float32 and y.shape == want.shape
-    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    assert y.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
-    if og is not None:  # closed outputs are exactly 0
-        assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
+    assert_float32_inference(y, want, og, cfg["channels_last"])
 
 
 # float32 inference at stride 1 on larger planes reads zero-padded planes in place (padded_forward):
@@ -423,12 +428,7 @@ def test_float32_inference_padded_planes(shape, which, padded, monkeypatch):
     with torch.no_grad():
         y = condkernels.gated_conv2d(x, w, b, ig, og, padding=padding, dilation=dilation)
     want = oracle_for(cfg, x, w, b, ig, og)
-    assert y.dtype == torch.float32 and y.shape == want.shape
-    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-    assert y.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-4)
-    if og is not None:  # closed outputs are exactly 0
-        assert (y.permute(1, 0, 2, 3)[(og == 0).T] == 0).all()
+    assert_float32_inference(y, want, og, cfg["channels_last"])
 
 
 @pytest.mark.parametrize("kernel", ["indirect", "padded"])

@@ -448,6 +448,34 @@ void forward_example(const at::Tensor& x, int64_t b, const at::Tensor& weight, c
 
 // --- float32 forward through the indirect GEMM (cpu/indirect_gemm.h) -------------------------------
 
+// The open output channels [c0, c1) of one example as rows of the indirect GEMM: weight row,
+// destination (plane c of y_b, `plane` floats apart), bias and out_gate scale. A closed channel is
+// never computed: its `closed_len` destination floats are written as exactly 0.
+struct OpenOutputRows {
+  std::vector<const float*> weight;
+  std::vector<float*> dst;
+  std::vector<float> bias, scale;
+
+  void collect(int64_t c0, int64_t c1, const float* w, int64_t row_len, const float* bias_p,
+               const float* out_gate, float* y_b, int64_t plane, int64_t closed_len) {
+    weight.clear(), dst.clear(), bias.clear(), scale.clear();
+    for (int64_t c = c0; c < c1; ++c) {
+      if (out_gate != nullptr && !gate_is_open(out_gate[c])) {
+        std::fill(y_b + c * plane, y_b + c * plane + closed_len, 0.0f);
+        continue;
+      }
+      weight.push_back(w + c * row_len);
+      dst.push_back(y_b + c * plane);
+      bias.push_back(bias_p ? bias_p[c] : 0.0f);
+      scale.push_back(out_gate ? out_gate[c] : 1.0f);
+    }
+  }
+  bool empty() const { return weight.empty(); }
+  cpu::IndirectRows rows() const {
+    return {weight.data(), dst.data(), bias.data(), scale.data(), static_cast<int64_t>(weight.size())};
+  }
+};
+
 // Output planes of at most this many pixels take the indirect GEMM for float32 (when the CPU has
 // AVX-512): it beat the oneDNN/MKL path on 7x7 and 14x14 planes; at 28x28 the two were even at
 // density 0.5 and oneDNN won at 0.75 (128 channels, batch 8).
@@ -539,27 +567,13 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
       if (split && b1 - b0 > 1) at::parallel_for(b0, b1, 1, columns_of);
       else columns_of(b0, b1);
       auto outputs_of = [&](int64_t c0, int64_t c1) {
-        std::vector<const float*> w_rows;
-        std::vector<float*> dst;
-        std::vector<float> bias_v, scale_v;
+        OpenOutputRows open;
         for (int64_t r0 = c0; r0 < c1; r0 += row_chunk) {
           for (int64_t b = b0; b < b1; ++b) {
-            const float* og = out_gate ? out_gate + b * cout : nullptr;
-            float* y_b = y + b * cout * positions;
-            w_rows.clear(), dst.clear(), bias_v.clear(), scale_v.clear();
-            for (int64_t c = r0; c < std::min(c1, r0 + row_chunk); ++c) {
-              if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
-                std::fill(y_b + c * positions, y_b + (c + 1) * positions, 0.0f);
-                continue;
-              }
-              w_rows.push_back(w_p + c * cin * kk);
-              dst.push_back(y_b + c * positions);
-              bias_v.push_back(bias ? bias[c] : 0.0f);
-              scale_v.push_back(og ? og[c] : 1.0f);
-            }
-            if (w_rows.empty()) continue;
-            const cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
-                                        static_cast<int64_t>(w_rows.size())};
+            open.collect(r0, std::min(c1, r0 + row_chunk), w_p, cin * kk, bias,
+                         out_gate ? out_gate + b * cout : nullptr, y + b * cout * positions, positions, positions);
+            if (open.empty()) continue;
+            const cpu::IndirectRows out = open.rows();
             const auto in = cpu::IndirectCols::im2col(chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
                                                       cols + offset[b - b0] * ld, ld);
             cpu::indirect_gemm(out, in, positions);
@@ -683,23 +697,11 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
   auto compute_tile = [&](int64_t b, int64_t tile, int64_t c0, int64_t c1, const float* planes) {
     const int64_t oh0 = tile * tile_rows, rows = std::min(tile_rows, g.out_h - oh0);
     const float* og = out_gate ? out_gate + b * cout : nullptr;
-    float* y_b = y + b * cout * positions + oh0 * g.out_w;
-    std::vector<const float*> w_rows;
-    std::vector<float*> dst;
-    std::vector<float> bias_v, scale_v;
-    for (int64_t c = c0; c < c1; ++c) {
-      if (og != nullptr && !gate_is_open(og[c])) {  // closed output: exactly 0, never computed
-        std::fill(y_b + c * positions, y_b + c * positions + rows * g.out_w, 0.0f);
-        continue;
-      }
-      w_rows.push_back(w_p + c * cin * kk);
-      dst.push_back(y_b + c * positions);
-      bias_v.push_back(bias ? bias[c] : 0.0f);
-      scale_v.push_back(og ? og[c] : 1.0f);
-    }
-    if (w_rows.empty()) return;
-    cpu::IndirectRows out{w_rows.data(), dst.data(), bias_v.data(), scale_v.data(),
-                          static_cast<int64_t>(w_rows.size())};
+    OpenOutputRows open;
+    open.collect(c0, c1, w_p, cin * kk, bias, og, y + b * cout * positions + oh0 * g.out_w, positions,
+                 rows * g.out_w);
+    if (open.empty()) return;
+    cpu::IndirectRows out = open.rows();
     out.compact_offset = compact_offset.data();
     out.compact_mask = compact_mask.data();
     const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
