@@ -7,10 +7,12 @@
 // im2col + MKL sgemm formulation of the spatial case ran at ~0.4x of oneDNN's convolution
 // throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
-// float32 inference with an in_gate on planes up to 16x16, or with any gates under 8x8 (groups ==
-// 1, AVX-512 CPUs), runs an indirect GEMM instead (cpu/indirect_gemm.h, indirect_forward): each example's im2col of its open channels times
-// the weight rows read in place, so no filter is gathered or reordered per example; those copies
-// cost more than the multiply-adds on the 7x7 and 14x14 layers.
+// float32 inference (groups == 1, AVX-512 CPUs) runs an indirect GEMM instead (cpu/indirect_gemm.h):
+// the weight rows are read in place, so no filter is gathered or reordered per example (those copies
+// cost more than the multiply-adds on the 7x7 and 14x14 layers). At stride 1 from 10x10 planes (7x7
+// batched) its columns are the example's zero-padded open planes themselves (padded_forward);
+// otherwise, with an in_gate on planes up to 16x16 or any gates under 8x8, an im2col of the open
+// channels (indirect_forward).
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
@@ -50,8 +52,9 @@ namespace {
 //   between 0.75 (0.81-0.94x) and 0.875 (1.03-1.08x), at batch 8 and 32;
 // - oneDNN per example, float32 on larger planes, groups == 1: 0.56-0.74x at 0.75 and 0.63-0.92x at 0.875
 //   (128 @ 28x28, 64 @ 56x56, batch 1 and 8), still 0.77-0.94x at density 1;
-// - padded planes (stride 1, `--paths`, compacted padded=1): 0.78-0.89x of the dense masked
-//   convolution at 0.75 and 1.04-1.11x at 1 (14x14 to 56x56, batch 32), about even at 1 at batch 1;
+// - padded planes (stride 1, `--paths`, compacted padded=1): 0.78-0.89x of the ungated convolution
+//   of the same shape (`static`) at 0.75 and 1.04-1.11x at 1 (14x14 to 56x56, batch 32), about even
+//   at 1 at batch 1;
 // - every other case (float64, bfloat16, grouped, CPUs without AVX-512) keeps the thresholds measured
 //   earlier on a 2-core AMD EPYC (AVX-512), docs/benchmarks_gated_conv2d.md: oneDNN per example won
 //   up to 0.5 on every ResNet block shape but 512 @ 7x7; on small planes of a batch, reading the
@@ -597,7 +600,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // Which stride-1 planes take padded_forward (float32, AVX-512), from `python -m condkernels.bench
 // --suite gated --full --paths` (`compacted padded=0|1`) on a 2-core Intel Xeon (AVX-512): at batch 1
 // it beat the oneDNN/im2col paths on 14x14 to 56x56 planes at every density (64 @ 56x56, density 0.5:
-// 0.49-0.50 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against 0.58-0.67) and lost on 7x7 (512
+// 0.49-0.55 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against 0.58-0.67) and lost on 7x7 (512
 // channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9 cost more than the im2col there);
 // at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate, density 0.25: 9.3 ms against 12.9)
 // and tied oneDNN per example on the larger planes (within 10% either way).
