@@ -80,8 +80,9 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     )
 
 
-def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
-    """Folds eval-mode ``bn`` into ``conv`` (nn.Conv2d, GatedConv2d or CondConv2d) in place.
+def fold_batchnorm(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Folds eval-mode ``bn`` into ``conv`` (nn.Conv2d, GatedConv2d, CondConv2d, or the nn.Linear
+    before a BatchNorm1d) in place.
 
     For a CondConv2d the scale goes into every expert's kernel and bias; the shift is added after
     the mixing (``conv.shift``) since the routing weights need not sum to one.
@@ -93,7 +94,7 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
             conv.bias.mul_(scale.view(1, -1))
         conv.shift = shift if conv.shift is None else conv.shift * scale + shift
         return
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    conv.weight.mul_(scale.view(-1, *[1] * (conv.weight.dim() - 1)))  # per output channel
     if conv.bias is None:
         conv.bias = nn.Parameter(shift.clone())
     else:
@@ -103,15 +104,9 @@ def fold_batchnorm(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
 @register_inference_rule(ChannelGate)
 def fold_gate_batchnorm(gate: ChannelGate) -> None:
     """Folds the gate's eval-mode ``BatchNorm1d`` into ``fc1``: one small op fewer per gated block."""
-    bn = gate.bn
-    if type(bn) is not nn.BatchNorm1d or bn.running_mean is None:
+    if type(gate.bn) is not nn.BatchNorm1d or gate.bn.running_mean is None:
         return
-    scale, shift = _batchnorm_affine(bn)
-    gate.fc1.weight.mul_(scale.view(-1, 1))
-    if gate.fc1.bias is None:
-        gate.fc1.bias = nn.Parameter(shift.clone())
-    else:
-        gate.fc1.bias.mul_(scale).add_(shift)
+    fold_batchnorm(gate.fc1, gate.bn)
     gate.bn = nn.Identity()
 
 

@@ -21,8 +21,9 @@
 // Memory formats: NCHW and channels_last inputs both run without a copy; the output (and, in the
 // backward, grad_x) is in x's format and grad_out is expected in it too.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -144,11 +145,11 @@ at::Tensor group_columns(const at::Tensor& cols_b, bool channels_last, int64_t g
 // Tiles of mixed weights and of per-example weight gradients live in the calling thread's scratch
 // pool: a fresh allocation of their few to tens of MB per tile is mapped anew by glibc, and its page
 // faults cost more than the mixing that fills it. A tile is dead before the next one is asked for.
-constexpr int kMixedSlot = 0, kWeightGradSlot = 1;
+// (Slots 0-2 are the fused small-plane kernel's.)
+constexpr int kMixedSlot = 3, kWeightGradSlot = 4;
 
 at::Tensor pooled(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
+  const int64_t numel = c10::multiply_integers(sizes);
   void* p = cpu::ScratchPool::of_this_thread().get(slot, static_cast<size_t>(numel) * options.dtype().itemsize());
   return at::from_blob(p, sizes, options);
 }

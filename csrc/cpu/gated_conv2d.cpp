@@ -299,8 +299,8 @@ constexpr int64_t kShapeQuantum = 16;
 
 int64_t round_up(int64_t n, int64_t quantum) { return (n + quantum - 1) / quantum * quantum; }
 
-// The scratch-pool slot of the indirect forward's im2col of a run of examples (Workspace below
-// takes the others in order).
+// The scratch-pool slot of the indirect forwards' columns: an im2col of a run of examples, or the
+// padded planes (Workspace below takes the others in order).
 constexpr int kIndirectColsSlot = 9;
 
 // Per-thread scratch, sized for the largest group GEMM of the call (views of the thread's pool).
@@ -479,6 +479,26 @@ struct OpenOutputRows {
   }
 };
 
+// Every example's open input channels, and where each one's taps start in a weight row (the
+// indirect GEMM's `chan`).
+struct OpenInputs {
+  std::vector<OpenChannels> channels;
+  std::vector<std::vector<int32_t>> offsets;
+
+  OpenInputs(const float* in_gate, const ConvGeometry& g) : channels(g.batch), offsets(g.batch) {
+    const int64_t cin = g.in_channels, kk = g.kernel_h * g.kernel_w;
+    for (int64_t b = 0; b < g.batch; ++b) {
+      channels[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
+      offsets[b].resize(channels[b].count(0));
+      for (int64_t i = 0; i < channels[b].count(0); ++i)
+        offsets[b][i] = static_cast<int32_t>(channels[b].of(0)[i] * kk);
+    }
+  }
+  int64_t count(int64_t b) const { return channels[b].count(0); }
+  const int64_t* of(int64_t b) const { return channels[b].of(0); }
+  const int32_t* chan(int64_t b) const { return offsets[b].data(); }
+};
+
 // Output planes of at most this many pixels take the indirect GEMM for float32 (when the CPU has
 // AVX-512): it beat the oneDNN/MKL path on 7x7 and 14x14 planes; at 28x28 the two were even at
 // density 0.5 and oneDNN won at 0.75 (128 channels, batch 8).
@@ -534,11 +554,9 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   const int64_t ld = round_up(positions, 16);
   const float* x_p = x.data_ptr<float>();
   const float* w_p = weight.data_ptr<float>();
-  std::vector<OpenChannels> ins(g.batch);
-  for (int64_t b = 0; b < g.batch; ++b) ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
+  const OpenInputs ins(in_gate, g);
   const int64_t run_bytes = indirect_run_bytes();
   const int64_t row_chunk = indirect_row_chunk();
-  std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
 
   // Examples [e0, e1), run by run; `split` spreads each run's work over the threads.
   auto examples = [&](int64_t e0, int64_t e1, bool split) {
@@ -550,21 +568,15 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
       offset.clear();
       do {
         offset.push_back(rows);
-        rows += ins[b1].count(0) * kk;
+        rows += ins.count(b1) * kk;
         ++b1;
-      } while (b1 < e1 && (rows + ins[b1].count(0) * kk) * ld * 4 <= run_bytes);
+      } while (b1 < e1 && (rows + ins.count(b1) * kk) * ld * 4 <= run_bytes);
       float* cols = static_cast<float*>(
           pool.get(kIndirectColsSlot, std::max<int64_t>(rows, 1) * ld * 4));
       auto columns_of = [&](int64_t c0, int64_t c1) {
-        for (int64_t b = c0; b < c1; ++b) {
-          const int64_t n_in = ins[b].count(0);
-          const int64_t* list = ins[b].of(0);
-          im2col_channels(x_p + b * cin * plane, list, n_in, g, cols + offset[b - b0] * ld, ld,
+        for (int64_t b = c0; b < c1; ++b)
+          im2col_channels(x_p + b * cin * plane, ins.of(b), ins.count(b), g, cols + offset[b - b0] * ld, ld,
                           in_gate ? in_gate + b * cin : nullptr);
-          std::vector<int32_t>& offsets = chan[b];
-          offsets.resize(n_in);
-          for (int64_t i = 0; i < n_in; ++i) offsets[i] = static_cast<int32_t>(list[i] * kk);
-        }
       };
       // A single example splits its im2col rows across the threads instead.
       if (split && b1 - b0 > 1) at::parallel_for(b0, b1, 1, columns_of);
@@ -577,7 +589,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
                          out_gate ? out_gate + b * cout : nullptr, y + b * cout * positions, positions, positions);
             if (open.empty()) continue;
             const cpu::IndirectRows out = open.rows();
-            const auto in = cpu::IndirectCols::im2col(chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
+            const auto in = cpu::IndirectCols::im2col(ins.chan(b), ins.count(b), g.kernel_h, g.kernel_w,
                                                       cols + offset[b - b0] * ld, ld);
             cpu::indirect_gemm(out, in, positions);
           }
@@ -604,8 +616,8 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9 cost more than the im2col there);
 // at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate, density 0.25: 9.3 ms against 12.9)
 // and tied oneDNN per example on the larger planes (within 10% either way).
-// CONDKERNELS_GATED_PADDED_POSITIONS overrides the single-example limit (a huge value: never; 0:
-// wherever it applies) for measurements and tests.
+// CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge value: never; 0: wherever it
+// applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
 
@@ -623,18 +635,15 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
 // planes and its block of results stay in the core's L2 cache.
 constexpr int64_t kPaddedTilePixels = 256;
 
-// The scratch-pool slot of the padded planes.
-constexpr int kPaddedPlanesSlot = 9;
-
 // y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, stride 1, NCHW contiguous x
 // and y, without im2col: the example's open input channels are copied once into zero-padded planes
 // of width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
 // padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
 // pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
 // (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56) as the
-// results are stored. Tiles of
-// whole output rows (times chunks of output channels when they are too few for the threads) are
-// spread across the threads; each writes its open channels' rows of y, and zeros for closed ones.
+// results are stored. Tiles of whole output rows (times chunks of output channels when they are too
+// few for the threads) are spread across the threads; each writes its open channels' rows of y,
+// and zeros for closed ones.
 void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                     const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
@@ -648,23 +657,16 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
   if (g.batch < threads) tiles = round_up(tiles, threads / g.batch);
   const int64_t tile_rows = (g.out_h + std::min(tiles, g.out_h) - 1) / std::min(tiles, g.out_h);
   tiles = (g.out_h + tile_rows - 1) / tile_rows;
-  const int64_t tile_ld = round_up(tile_rows * wp, 16);
   const float* x_p = x.data_ptr<float>();
   const float* w_p = weight.data_ptr<float>();
 
-  std::vector<OpenChannels> ins(g.batch);
-  std::vector<std::vector<int32_t>> chan(g.batch);  // open channels' offsets in a weight row
-  for (int64_t b = 0; b < g.batch; ++b) {
-    ins[b].build(in_gate ? in_gate + b * cin : nullptr, cin, 1);
-    chan[b].resize(ins[b].count(0));
-    for (int64_t i = 0; i < ins[b].count(0); ++i) chan[b][i] = static_cast<int32_t>(ins[b].of(0)[i] * kk);
-  }
+  const OpenInputs ins(in_gate, g);
 
   // Open channels [i0, i1) of example b into its padded planes; only pixels read from x are scaled,
   // so the padding stays 0 even for a NaN or infinite gate.
   auto pad_planes = [&](int64_t b, int64_t i0, int64_t i1, float* planes) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = ins[b].of(0)[i];
+      const int64_t c = ins.of(b)[i];
       const float* src = x_p + (b * cin + c) * plane;
       const float s = in_gate ? in_gate[b * cin + c] : 1.0f;
       float* dst = planes + i * plane_stride;
@@ -684,7 +686,7 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
   // The tile's pixels run along the padded width; its vector i stores the lanes that are outputs
   // (ow < out_w), packed, at their place in y. Every tile starts at an output row, so one pattern
   // serves all.
-  const int64_t tile_vectors = tile_ld / 16;
+  const int64_t tile_vectors = (tile_rows * wp + 15) / 16;
   std::vector<int64_t> compact_offset(tile_vectors);
   std::vector<uint16_t> compact_mask(tile_vectors);
   for (int64_t i = 0; i < tile_vectors; ++i) {
@@ -707,7 +709,7 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     cpu::IndirectRows out = open.rows();
     out.compact_offset = compact_offset.data();
     out.compact_mask = compact_mask.data();
-    const cpu::IndirectCols in{chan[b].data(), ins[b].count(0), g.kernel_h, g.kernel_w,
+    const cpu::IndirectCols in{ins.chan(b), ins.count(b), g.kernel_h, g.kernel_w,
                                planes + oh0 * wp, plane_stride, g.dilation_h * wp, g.dilation_w};
     cpu::indirect_gemm(out, in, rows * wp);
   };
@@ -716,8 +718,8 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
-            kPaddedPlanesSlot, static_cast<size_t>(std::max<int64_t>(ins[b].count(0), 1) * plane_stride) * 4));
-        pad_planes(b, 0, ins[b].count(0), planes);
+            kIndirectColsSlot, static_cast<size_t>(std::max<int64_t>(ins.count(b), 1) * plane_stride) * 4));
+        pad_planes(b, 0, ins.count(b), planes);
         for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(b, tile, 0, cout, planes);
       }
     });
@@ -725,9 +727,9 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
   }
   // Few examples: pad them all (channels across the threads), then split tiles and channel chunks.
   std::vector<int64_t> first(g.batch + 1, 0);  // example b's planes start at plane first[b]
-  for (int64_t b = 0; b < g.batch; ++b) first[b + 1] = first[b] + ins[b].count(0);
+  for (int64_t b = 0; b < g.batch; ++b) first[b + 1] = first[b] + ins.count(b);
   float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
-      kPaddedPlanesSlot, static_cast<size_t>(std::max<int64_t>(first[g.batch], 1) * plane_stride) * 4));
+      kIndirectColsSlot, static_cast<size_t>(std::max<int64_t>(first[g.batch], 1) * plane_stride) * 4));
   at::parallel_for(0, first[g.batch], 1, [&](int64_t p0, int64_t p1) {
     for (int64_t b = 0; b < g.batch; ++b) {
       const int64_t i0 = std::max(p0, first[b]) - first[b], i1 = std::min(p1, first[b + 1]) - first[b];

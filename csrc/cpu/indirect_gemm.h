@@ -76,12 +76,15 @@ constexpr int64_t kIndirectPrefetchChannels = 4;
 // which frees the registers the step arithmetic would take), anything else at run time.
 enum class Taps { kAny, k3x3, k3x3Unit };
 
-// One register block: M rows x V pixel vectors from pixel p0.
+// One register block: rows [r0, r0 + M) of `rows` x V pixel vectors from pixel p0.
 template <int M, int V, Taps T>
-__attribute__((target("avx512f"))) inline void indirect_block(const float* const* w, const IndirectCols& in,
-                                                              float* const* dst, const float* bias,
-                                                              const float* scale, int64_t p0,
-                                                              __mmask16 last_mask, const IndirectRows& layout) {
+__attribute__((target("avx512f"))) inline void indirect_block(const IndirectRows& rows, int64_t r0,
+                                                              const IndirectCols& in, int64_t p0,
+                                                              __mmask16 last_mask) {
+  const float* const* w = rows.weight + r0;
+  float* const* dst = rows.dst + r0;
+  const float* bias = rows.bias + r0;
+  const float* scale = rows.scale + r0;
   constexpr bool K3 = T != Taps::kAny;
   const int64_t kernel_h = K3 ? 3 : in.kernel_h, kernel_w = K3 ? 3 : in.kernel_w;
   const int32_t* chan = in.chan;
@@ -131,11 +134,11 @@ __attribute__((target("avx512f"))) inline void indirect_block(const float* const
       // (acc + bias) * scale, rounded after each step as the generic epilogue does.
       const __m512 y = _mm512_mul_ps(_mm512_add_ps(acc[m][v], bv), sv);
       const __mmask16 k = v == V - 1 ? last_mask : static_cast<__mmask16>(0xFFFF);
-      if (layout.compact_offset != nullptr) {
+      if (rows.compact_offset != nullptr) {
         const int64_t i = p0 / 16 + v;
-        const __mmask16 keep = k & layout.compact_mask[i];
+        const __mmask16 keep = k & rows.compact_mask[i];
         const __mmask16 packed = static_cast<__mmask16>((1u << __builtin_popcount(keep)) - 1);
-        _mm512_mask_storeu_ps(dst[m] + layout.compact_offset[i], packed, _mm512_maskz_compress_ps(keep, y));
+        _mm512_mask_storeu_ps(dst[m] + rows.compact_offset[i], packed, _mm512_maskz_compress_ps(keep, y));
       } else {
         _mm512_mask_storeu_ps(dst[m] + p0 + 16 * v, k, y);
       }
@@ -148,21 +151,15 @@ __attribute__((target("avx512f"))) inline void indirect_rows(const IndirectRows&
                                                              int64_t p0, __mmask16 last_mask) {
   constexpr int kM = indirect_max_rows(V);
   int64_t r = 0;
-  for (; r + kM <= rows.count; r += kM)
-    indirect_block<kM, V, T>(rows.weight + r, in, rows.dst + r, rows.bias + r, rows.scale + r, p0, last_mask, rows);
-  const int64_t left = rows.count - r;
-  auto w = rows.weight + r;
-  auto d = rows.dst + r;
-  auto b = rows.bias + r;
-  auto s = rows.scale + r;
-  switch (left) {
-    case 1: indirect_block<1, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 2: indirect_block<2, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 3: indirect_block<3, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 4: indirect_block<4, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 5: indirect_block<5, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 6: if constexpr (kM > 6) indirect_block<6, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
-    case 7: if constexpr (kM > 7) indirect_block<7, V, T>(w, in, d, b, s, p0, last_mask, rows); break;
+  for (; r + kM <= rows.count; r += kM) indirect_block<kM, V, T>(rows, r, in, p0, last_mask);
+  switch (rows.count - r) {
+    case 1: indirect_block<1, V, T>(rows, r, in, p0, last_mask); break;
+    case 2: indirect_block<2, V, T>(rows, r, in, p0, last_mask); break;
+    case 3: indirect_block<3, V, T>(rows, r, in, p0, last_mask); break;
+    case 4: indirect_block<4, V, T>(rows, r, in, p0, last_mask); break;
+    case 5: indirect_block<5, V, T>(rows, r, in, p0, last_mask); break;
+    case 6: if constexpr (kM > 6) indirect_block<6, V, T>(rows, r, in, p0, last_mask); break;
+    case 7: if constexpr (kM > 7) indirect_block<7, V, T>(rows, r, in, p0, last_mask); break;
     default: break;
   }
 }

@@ -1,5 +1,6 @@
 #include "cpu/output_cache.h"
 
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -83,8 +84,7 @@ class OutputCache {
 }  // namespace
 
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
+  const int64_t numel = c10::multiply_integers(sizes);
   const int64_t bytes = (numel * static_cast<int64_t>(options.dtype().itemsize()) + 63) / 64 * 64;
   if (bytes < kMinCachedBytes || bytes > budget_bytes() || options.device().type() != at::kCPU)
     return at::empty(sizes, options);
