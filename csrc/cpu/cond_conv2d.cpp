@@ -143,8 +143,10 @@ at::Tensor group_columns(const at::Tensor& cols_b, bool channels_last, int64_t g
 }
 
 // Tiles of mixed weights and of per-example weight gradients live in the calling thread's scratch
-// pool: a fresh allocation of their few to tens of MB per tile is mapped anew by glibc, and its page
-// faults cost more than the mixing that fills it. A tile is dead before the next one is asked for.
+// pool: a fresh allocation of their few to tens of MB per tile is mapped anew by glibc and pays its
+// page faults on every tile (with the pool and the gradient cache, forward+backward of pointwise
+// 2048->512 @7x7 at B = 8, E = 8 went from 47.8 to 30.7 ms in the full condconv grid). A tile is
+// dead before the next one is asked for.
 // (Slots 0-2 are the fused small-plane kernel's.)
 constexpr int kMixedSlot = 3, kWeightGradSlot = 4;
 
