@@ -33,5 +33,17 @@ def empty_cpu_cache() -> int:
     return torch.ops.condkernels._empty_cpu_output_cache()
 
 
+def cpu_vector_isa() -> str:
+    """The instruction set condkernels' hand-written CPU kernels run with: ``"avx512"``, ``"avx2"``
+    (with FMA) or ``"none"`` (CPUs without AVX2, and non-x86 CPUs: the ops take their MKL/oneDNN
+    paths there).
+
+    It is what the CPU supports, capped by the environment variable ``CONDKERNELS_CPU_ISA``
+    (``avx512``, ``avx2`` or ``none``) when that is set, e.g. to time the AVX2 kernels on an AVX-512
+    CPU.
+    """
+    return torch.ops.condkernels._cpu_vector_isa()
+
+
 def triton_available() -> bool:
     return _TRITON_AVAILABLE

@@ -31,3 +31,21 @@ COMPILED_BACKENDS = [
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The hand-written CPU vector kernels, one build per instruction set (csrc/cpu/vector_kernels_*.cpp):
+# tests of those kernels run once per set the CPU has, capped through CONDKERNELS_CPU_ISA, so an
+# AVX-512 machine tests the AVX2 build too.
+os.environ.pop("CONDKERNELS_CPU_ISA", None)
+HARDWARE_ISA = condkernels.cpu_vector_isa()
+_ISA_LEVEL = {"none": 0, "avx2": 1, "avx512": 2}
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def vector_isa(request, monkeypatch):
+    """Runs the test with the CPU kernels capped at the given instruction set; skipped without it."""
+    if _ISA_LEVEL[HARDWARE_ISA] < _ISA_LEVEL[request.param]:
+        pytest.skip(f"the CPU has no {request.param.upper()} (it runs the {HARDWARE_ISA} kernels)")
+    monkeypatch.setenv("CONDKERNELS_CPU_ISA", request.param)
+    assert condkernels.cpu_vector_isa() == request.param
+    return request.param

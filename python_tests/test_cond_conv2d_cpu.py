@@ -100,9 +100,9 @@ def test_single_expert_path(case, channels_last):
     check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.bfloat16, tol=4e-2)
 
 
-# The fused small-plane forward (cpu/fused_mix_gemm.h; float32, NCHW, one group, AVX-512 CPUs):
-# output channels not a multiple of its 16- and 64-channel blocks, reductions not a multiple of its
-# 16-row transposes or 32-row panels, pixel counts that split into blocks of 1 to 6, batches not a
+# The fused small-plane forward (cpu/fused_mix_gemm.h; float32, NCHW, one group, AVX-512 and AVX2
+# CPUs, each build tested where the CPU has it): output channels not a multiple of its 16- and
+# 64-channel blocks, reductions not a multiple of its 8- or 16-row transposes or 32-row panels, pixel counts that split into blocks of 1 to 6, batches not a
 # multiple of the 4 examples mixed together, many experts.
 FUSED = {
     "k3_odd_everything": (3, 5, 70, 3, 3, (5, 7), True, (1, 1), (1, 1, 1, 1)),
@@ -115,7 +115,7 @@ FUSED = {
 
 
 @pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
-def test_fused_small_plane_forward(case, monkeypatch):
+def test_fused_small_plane_forward(case, vector_isa, monkeypatch):
     batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
     args = (batch, cin, cout, experts, k, hw, 1, bias, stride, pad, (1, 1))
     x, r, w, b = make_inputs(*args[:8], dtype=torch.float32, seed=7)

@@ -362,7 +362,7 @@ def assert_float32_inference(y, want, og, channels_last):
 
 
 # float32 inference with an in_gate on planes up to 16x16 (any gates under 8x8) takes the indirect
-# GEMM on AVX-512 CPUs: odd channel counts (row blocks of every height), planes of 1 to 4 pixel
+# GEMM on AVX-512 and AVX2 CPUs (each instruction set's build is tested where the CPU has it): odd channel counts (row blocks of every height), planes of 1 to 4 pixel
 # vectors and their tails, strided and padded.
 INDIRECT_SHAPES = [  # (batch, cin, cout, hw, stride, padding)
     (1, 37, 21, 7, 1, 1),
@@ -378,7 +378,7 @@ INDIRECT_SHAPES = [  # (batch, cin, cout, hw, stride, padding)
 @pytest.mark.parametrize("shape", INDIRECT_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-s{}-p{}".format(*s))
 @pytest.mark.parametrize("which", ["in", "out", "both", "none"])
 @pytest.mark.parametrize("indirect", ["on", "off", "small-runs"])
-def test_float32_inference_indirect_gemm(shape, which, indirect, monkeypatch):
+def test_float32_inference_indirect_gemm(shape, which, indirect, vector_isa, monkeypatch):
     batch, cin, cout, hw, stride, padding = shape
     monkeypatch.setenv(DENSE_ABOVE, "2")
     if indirect == "off":
@@ -414,7 +414,7 @@ PADDED_SHAPES = [  # (batch, cin, cout, hw, k, padding, dilation)
 @pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-k{}-p{}-d{}".format(*s))
 @pytest.mark.parametrize("which", ["in", "out", "both", "none"])
 @pytest.mark.parametrize("padded", ["on", "off"])
-def test_float32_inference_padded_planes(shape, which, padded, monkeypatch):
+def test_float32_inference_padded_planes(shape, which, padded, vector_isa, monkeypatch):
     batch, cin, cout, hw, k, padding, dilation = shape
     monkeypatch.setenv(DENSE_ABOVE, "2")
     monkeypatch.setenv(PADDED_POSITIONS, "0" if padded == "on" else "1000000000")
@@ -432,7 +432,7 @@ def test_float32_inference_padded_planes(shape, which, padded, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["indirect", "padded"])
-def test_float32_inference_gates_stay_in_their_example(kernel, monkeypatch):
+def test_float32_inference_gates_stay_in_their_example(kernel, vector_isa, monkeypatch):
     """NaN and negative gates, and inf in a closed input channel, on the float32 inference paths."""
     monkeypatch.setenv(DENSE_ABOVE, "2")
     monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
@@ -594,3 +594,20 @@ def test_compiled_backward_checks_grad_out():
             torch.zeros(2, 6, 6, 6, dtype=x.dtype), x, w, b, ig, og, torch.zeros(1, dtype=x.dtype),
             [1, 1], [1, 1, 1, 1], [1, 1], 1, [True] * 5
         )
+
+
+def test_cpu_vector_isa_cap(monkeypatch):
+    """CONDKERNELS_CPU_ISA=none takes the library paths, still exact; a value it does not know is named."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0")
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 12, 10, 10, generator=gen), torch.randn(14, 12, 3, 3, generator=gen)
+    ig = (torch.rand(2, 12, generator=gen) < 0.5).float()
+    monkeypatch.setenv("CONDKERNELS_CPU_ISA", "none")
+    assert condkernels.cpu_vector_isa() == "none"
+    with torch.no_grad():
+        y = condkernels.gated_conv2d(x, w, None, ig, None, padding=1)
+    torch.testing.assert_close(y.double(), oracle(x, w, None, ig, None, 1, (1, 1, 1, 1), 1, 1), rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv("CONDKERNELS_CPU_ISA", "avx1024")
+    with pytest.raises(RuntimeError, match="CONDKERNELS_CPU_ISA must be avx512, avx2 or none"):
+        condkernels.gated_conv2d(x, w, None, ig, None, padding=1)

@@ -135,7 +135,10 @@ def describe_run(device: torch.device, dtype: torch.dtype, floors: Floors, full:
     """Where and when: the fields every row of this run carries, and the run's description."""
     import condkernels
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:  # the vector kernels differ by instruction set: the name says which ran
+        name = f"{cpu_model()} ({condkernels.cpu_vector_isa().upper()} kernels)"
     try:
         load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:

@@ -1,17 +1,44 @@
-// What the CPU running the kernels supports, checked once: the AVX-512 kernels are built with
-// target attributes and chosen at run time, so one binary also runs on CPUs without them.
+// The vector instruction set the hand-written CPU kernels run with, checked at run time: the
+// extension is built for baseline x86-64, and each vector kernel is compiled once per instruction
+// set (cpu/vector_kernels_avx512.cpp, cpu/vector_kernels_avx2.cpp) and picked here, so one binary
+// runs everywhere and uses what the CPU has.
 #pragma once
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
 
 namespace condkernels {
 namespace cpu {
 
-inline bool has_avx512f() {
+enum class VectorIsa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// What the CPU supports: AVX-512F, else AVX2 with FMA, else none (the callers' library paths).
+inline VectorIsa hardware_vector_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
+  static const VectorIsa isa = __builtin_cpu_supports("avx512f") ? VectorIsa::kAvx512
+                               : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? VectorIsa::kAvx2
+                                                                                                  : VectorIsa::kNone;
+  return isa;
 #else
-  return false;
+  return VectorIsa::kNone;
 #endif
+}
+
+// The CPU's instruction set, capped by CONDKERNELS_CPU_ISA=avx512|avx2|none when set (as oneDNN's
+// ONEDNN_MAX_CPU_ISA): to test or time the AVX2 kernels on an AVX-512 CPU, or the library paths
+// on any. Read on every call, so that a test can change it between calls.
+inline VectorIsa vector_isa() {
+  const VectorIsa hardware = hardware_vector_isa();
+  const char* cap = std::getenv("CONDKERNELS_CPU_ISA");
+  if (cap == nullptr) return hardware;
+  VectorIsa limit;
+  if (std::strcmp(cap, "avx512") == 0) limit = VectorIsa::kAvx512;
+  else if (std::strcmp(cap, "avx2") == 0) limit = VectorIsa::kAvx2;
+  else if (std::strcmp(cap, "none") == 0) limit = VectorIsa::kNone;
+  else TORCH_CHECK(false, "CONDKERNELS_CPU_ISA must be avx512, avx2 or none, got '", cap, "'");
+  return static_cast<int>(limit) < static_cast<int>(hardware) ? limit : hardware;
 }
 
 }  // namespace cpu

@@ -517,7 +517,7 @@ bool use_indirect(const at::Tensor& x, const ConvGeometry& g, bool with_ungated,
   const int64_t positions = g.out_h * g.out_w;
   return x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
          positions <= indirect_max_positions() && (has_in_gate || positions < kSmallPlane) &&
-         g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) && cpu::indirect_gemm_available();
+         g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) && cpu::indirect_gemm_kernel() != nullptr;
 }
 
 // Examples are taken in runs whose im2col fits in about this many bytes, so that each thread's
@@ -557,6 +557,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   const OpenInputs ins(in_gate, g);
   const int64_t run_bytes = indirect_run_bytes();
   const int64_t row_chunk = indirect_row_chunk();
+  const cpu::IndirectGemm gemm = cpu::indirect_gemm_kernel();
 
   // Examples [e0, e1), run by run; `split` spreads each run's work over the threads.
   auto examples = [&](int64_t e0, int64_t e1, bool split) {
@@ -591,7 +592,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
             const cpu::IndirectRows out = open.rows();
             const auto in = cpu::IndirectCols::im2col(ins.chan(b), ins.count(b), g.kernel_h, g.kernel_w,
                                                       cols + offset[b - b0] * ld, ld);
-            cpu::indirect_gemm(out, in, positions);
+            gemm(out, in, positions);
           }
         }
       };
@@ -628,7 +629,7 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
                                            : positions >= (g.batch > 1 ? kPaddedMinPositionsBatched : kPaddedMinPositions);
   return large_enough && x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
          g.stride_h == 1 && g.stride_w == 1 && g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
-         cpu::indirect_gemm_available();
+         cpu::indirect_gemm_kernel() != nullptr;
 }
 
 // Output rows per tile: about this many pixels of the padded width, so that a tile's slice of the
@@ -683,20 +684,22 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     }
   };
 
-  // The tile's pixels run along the padded width; its vector i stores the lanes that are outputs
-  // (ow < out_w), packed, at their place in y. Every tile starts at an output row, so one pattern
-  // serves all.
-  const int64_t tile_vectors = (tile_rows * wp + 15) / 16;
-  std::vector<int64_t> compact_offset(tile_vectors);
-  std::vector<uint16_t> compact_mask(tile_vectors);
-  for (int64_t i = 0; i < tile_vectors; ++i) {
-    const int64_t q = 16 * i;
-    compact_offset[i] = q / wp * g.out_w + std::min(q % wp, g.out_w);
-    uint16_t mask = 0;
-    for (int64_t lane = 0; lane < 16; ++lane)
-      if ((q + lane) % wp < g.out_w) mask |= static_cast<uint16_t>(1u << lane);
-    compact_mask[i] = mask;
+  // The tile's pixels run along the padded width; of each 8 of them, those that are outputs
+  // (ow < out_w) are stored, packed, at their place in y. Every tile starts at an output row, so one
+  // pattern serves all (it runs to a whole 16-pixel vector past the tile).
+  constexpr int64_t kOctet = cpu::kCompactPixels;
+  const int64_t tile_octets = round_up(tile_rows * wp, 16) / kOctet;
+  std::vector<int64_t> compact_offset(tile_octets);
+  std::vector<uint8_t> compact_mask(tile_octets);
+  for (int64_t j = 0; j < tile_octets; ++j) {
+    const int64_t q = kOctet * j;
+    compact_offset[j] = q / wp * g.out_w + std::min(q % wp, g.out_w);
+    uint8_t mask = 0;
+    for (int64_t lane = 0; lane < kOctet; ++lane)
+      if ((q + lane) % wp < g.out_w) mask |= static_cast<uint8_t>(1u << lane);
+    compact_mask[j] = mask;
   }
+  const cpu::IndirectGemm gemm = cpu::indirect_gemm_kernel();
 
   // Output channels [c0, c1) of tile `tile` of example b, from its padded planes, into y.
   auto compute_tile = [&](int64_t b, int64_t tile, int64_t c0, int64_t c1, const float* planes) {
@@ -711,7 +714,7 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     out.compact_mask = compact_mask.data();
     const cpu::IndirectCols in{ins.chan(b), ins.count(b), g.kernel_h, g.kernel_w,
                                planes + oh0 * wp, plane_stride, g.dilation_h * wp, g.dilation_w};
-    cpu::indirect_gemm(out, in, rows * wp);
+    gemm(out, in, rows * wp);
   };
 
   if (g.batch >= 2 * threads) {  // whole examples per thread, each padded in the thread's own buffer

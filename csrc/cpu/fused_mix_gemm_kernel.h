@@ -1,0 +1,159 @@
+// The kernel of cpu/fused_mix_gemm.h, written once over the vector instruction set `Isa`
+// (cpu/simd_avx512.h, cpu/simd_avx2.h) and compiled for each in its own translation unit
+// (cpu/vector_kernels_*.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/fused_mix_gemm.h"
+
+namespace condkernels::cpu::fused_mix_gemm {
+
+// A block of accumulator registers: kChannelVectors vectors of output channels x up to
+// kMaxPixels pixels (AVX-512: 4 x 6 = 24 of 32 registers; AVX2: 2 x 6 = 12 of 16), the panel's
+// kBlock channels in kBlock / (kChannelVectors * lanes) such blocks.
+template <class Isa>
+struct Tile {
+  static constexpr int kChannelVectors = Isa::kRegisters == 32 ? 4 : 2;
+  static constexpr int kChannels = kChannelVectors * Isa::kLanes;
+  static constexpr int64_t kMaxPixels = 6;
+  static_assert(kBlock % kChannels == 0, "the panel is whole blocks of channels");
+};
+
+// staged[e][k][j] = W_e[c0 + j][k0 + k] for k < kc, j < kBlock (0 for channels past Cout): the
+// piece of every expert that the run's examples mix, read from memory once and transposed once.
+template <class Isa>
+inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc, float* staged) {
+  constexpr int W = Isa::kLanes;
+  const int64_t K = pb.reduction, expert_stride = pb.out_channels * K;
+  for (int64_t e = 0; e < pb.experts; ++e) {
+    float* out = staged + e * kc * kBlock;
+    // W rows at a time, walked along k: W sequential streams for the prefetchers.
+    for (int64_t j0 = 0; j0 < kBlock; j0 += W) {
+      for (int64_t kk = 0; kk < kc; kk += W) {
+        const int width = static_cast<int>(std::min<int64_t>(W, kc - kk));
+        typename Isa::Vec rows[W];
+        for (int j = 0; j < W; ++j) {
+          const int64_t c = c0 + j0 + j;
+          rows[j] = c < pb.out_channels ? Isa::load_first(pb.weight + e * expert_stride + c * K + k0 + kk, width)
+                                        : Isa::zero();
+        }
+        Isa::transpose(rows);
+        for (int k = 0; k < width; ++k) Isa::store(out + (kk + k) * kBlock + j0, rows[k]);
+      }
+    }
+  }
+}
+
+// panels[i][k][0..kBlock) = sum_e r[i][e] staged[e][k][0..kBlock) for k < kc and the N examples
+// whose routing rows start at r (E apart); panels kKc * kBlock apart, experts expert_stride apart.
+// Each staged vector is loaded once for the N examples: mixing is bound by reading the staged experts.
+template <class Isa, int N>
+inline void mix_panels(const float* staged, int64_t expert_stride, const float* r, int64_t experts, int64_t kc,
+                       float* panels) {
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int64_t v = 0; v < kBlock; v += Isa::kLanes) {
+      const float* w = staged + k * kBlock + v;
+      typename Isa::Vec m[N];
+      for (int i = 0; i < N; ++i) m[i] = Isa::zero();
+      for (int64_t e = 0; e < experts; ++e) {
+        const auto we = Isa::load(w + e * expert_stride);
+        for (int i = 0; i < N; ++i) m[i] = Isa::fmadd(we, Isa::broadcast(r[i * experts + e]), m[i]);
+      }
+      for (int i = 0; i < N; ++i) Isa::store(panels + i * kKc * kBlock + k * kBlock + v, m[i]);
+    }
+  }
+}
+
+template <class Isa>
+inline void mix(int64_t n, const float* staged, int64_t expert_stride, const float* r, int64_t experts,
+                int64_t kc, float* panels) {
+  static_assert(kMixGroup == 4, "one case per group size");
+  switch (n) {
+    case 1: return mix_panels<Isa, 1>(staged, expert_stride, r, experts, kc, panels);
+    case 2: return mix_panels<Isa, 2>(staged, expert_stride, r, experts, kc, panels);
+    case 3: return mix_panels<Isa, 3>(staged, expert_stride, r, experts, kc, panels);
+    default: return mix_panels<Isa, 4>(staged, expert_stride, r, experts, kc, panels);
+  }
+}
+
+// acc[p][j0 + j] += sum_k panel[k][j0 + j] * col[k * P + p] for the N pixels p of this block and the
+// tile's channels j from j0.
+template <class Isa, int N>
+inline void multiply_block(const float* panel, int64_t j0, int64_t kc, const float* col, int64_t P, float* acc) {
+  constexpr int V = Tile<Isa>::kChannelVectors, W = Isa::kLanes;
+  typename Isa::Vec c[N][V];
+  for (int p = 0; p < N; ++p)
+    for (int i = 0; i < V; ++i) c[p][i] = Isa::load(acc + p * kBlock + j0 + W * i);
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* w = panel + k * kBlock + j0;
+    typename Isa::Vec wv[V];
+    for (int i = 0; i < V; ++i) wv[i] = Isa::load(w + W * i);
+    const float* x = col + k * P;
+    for (int p = 0; p < N; ++p) {
+      const auto xp = Isa::broadcast(x[p]);
+      for (int i = 0; i < V; ++i) c[p][i] = Isa::fmadd(wv[i], xp, c[p][i]);
+    }
+  }
+  for (int p = 0; p < N; ++p)
+    for (int i = 0; i < V; ++i) Isa::store(acc + p * kBlock + j0 + W * i, c[p][i]);
+}
+
+template <class Isa>
+inline void multiply(int64_t n, const float* panel, int64_t kc, const float* col, int64_t P, float* acc) {
+  static_assert(Tile<Isa>::kMaxPixels == 6, "one case per block width");
+  for (int64_t j0 = 0; j0 < kBlock; j0 += Tile<Isa>::kChannels) {
+    switch (n) {
+      case 1: multiply_block<Isa, 1>(panel, j0, kc, col, P, acc); break;
+      case 2: multiply_block<Isa, 2>(panel, j0, kc, col, P, acc); break;
+      case 3: multiply_block<Isa, 3>(panel, j0, kc, col, P, acc); break;
+      case 4: multiply_block<Isa, 4>(panel, j0, kc, col, P, acc); break;
+      case 5: multiply_block<Isa, 5>(panel, j0, kc, col, P, acc); break;
+      default: multiply_block<Isa, 6>(panel, j0, kc, col, P, acc); break;
+    }
+  }
+}
+
+// One block of kBlock output channels for every example of the run (RunBlock in fused_mix_gemm.h).
+template <class Isa>
+inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panels, float* acc) {
+  const int64_t P = pb.pixels, B = pb.batch, valid = std::min(kBlock, pb.out_channels - c0);
+  // Pixel blocks of near-equal size (49 = 5 x 5 + 4 x 6), no thin remainder block.
+  const int64_t blocks = (P + Tile<Isa>::kMaxPixels - 1) / Tile<Isa>::kMaxPixels;
+  for (int64_t b = 0; b < B; ++b) {
+    float* acc_b = acc + b * P * kBlock;
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t j = 0; j < kBlock; ++j)
+        acc_b[p * kBlock + j] = pb.bias && j < valid ? pb.bias[b * pb.out_channels + c0 + j] : 0.0f;
+  }
+  const int64_t stage_rows = staged_rows(pb.experts);
+  for (int64_t s0 = 0; s0 < pb.reduction; s0 += stage_rows) {
+    const int64_t sc = std::min(stage_rows, pb.reduction - s0);
+    stage_experts<Isa>(pb, c0, s0, sc, staged);
+    for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
+      const int64_t group = std::min(kMixGroup, B - b0);
+      for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
+        const int64_t kc = std::min(kKc, sc - k0);
+        mix<Isa>(group, staged + k0 * kBlock, sc * kBlock, pb.routing + b0 * pb.experts, pb.experts, kc, panels);
+        for (int64_t i = 0; i < group; ++i) {
+          const float* col = pb.cols + (b0 + i) * pb.cols_stride + (s0 + k0) * P;
+          float* acc_b = acc + (b0 + i) * P * kBlock;
+          for (int64_t blk = 0, p0 = 0; blk < blocks; ++blk) {
+            const int64_t n = (P - p0) / (blocks - blk);
+            multiply<Isa>(n, panels + i * kKc * kBlock, kc, col + p0, P, acc_b + p0 * kBlock);
+            p0 += n;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const float* acc_b = acc + b * P * kBlock;
+    float* y = pb.y + b * pb.y_stride + c0 * P;
+    for (int64_t j = 0; j < valid; ++j)
+      for (int64_t p = 0; p < P; ++p) y[j * P + p] = acc_b[p * kBlock + j];
+  }
+}
+
+}  // namespace condkernels::cpu::fused_mix_gemm
