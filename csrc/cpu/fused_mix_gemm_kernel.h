@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu/fused_mix_gemm.h"
 
@@ -36,8 +37,9 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
         typename Isa::Vec rows[W];
         for (int j = 0; j < W; ++j) {
           const int64_t c = c0 + j0 + j;
-          rows[j] = c < pb.out_channels ? Isa::load_first(pb.weight + e * expert_stride + c * K + k0 + kk, width)
-                                        : Isa::zero();
+          const float* src = pb.weight + e * expert_stride + c * K + k0 + kk;
+          // A plain load where the row is whole: AVX2's masked load is much slower on some CPUs.
+          rows[j] = c >= pb.out_channels ? Isa::zero() : width == W ? Isa::loadu(src) : Isa::load_first(src, width);
         }
         Isa::transpose(rows);
         for (int k = 0; k < width; ++k) Isa::store(out + (kk + k) * kBlock + j0, rows[k]);
@@ -47,7 +49,9 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
 }
 
 // panels[i][k][0..kBlock) = sum_e r[i][e] staged[e][k][0..kBlock) for k < kc and the N examples
-// whose routing rows start at r (E apart); panels kKc * kBlock apart, experts expert_stride apart.
+// whose routing rows start at r, each weight r[i][e] repeated over a vector's lanes (the
+// multiply-adds read them as memory operands: AVX2 has no broadcast operand, and a broadcast per
+// multiply-add costs an instruction); panels kKc * kBlock apart, experts expert_stride apart.
 // Each staged vector is loaded once for the N examples: mixing is bound by reading the staged experts.
 template <class Isa, int N>
 inline void mix_panels(const float* staged, int64_t expert_stride, const float* r, int64_t experts, int64_t kc,
@@ -59,7 +63,7 @@ inline void mix_panels(const float* staged, int64_t expert_stride, const float* 
       for (int i = 0; i < N; ++i) m[i] = Isa::zero();
       for (int64_t e = 0; e < experts; ++e) {
         const auto we = Isa::load(w + e * expert_stride);
-        for (int i = 0; i < N; ++i) m[i] = Isa::fmadd(we, Isa::broadcast(r[i * experts + e]), m[i]);
+        for (int i = 0; i < N; ++i) m[i] = Isa::fmadd(we, Isa::loadu(r + (i * experts + e) * Isa::kLanes), m[i]);
       }
       for (int i = 0; i < N; ++i) Isa::store(panels + i * kKc * kBlock + k * kBlock + v, m[i]);
     }
@@ -128,14 +132,17 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
         acc_b[p * kBlock + j] = pb.bias && j < valid ? pb.bias[b * pb.out_channels + c0 + j] : 0.0f;
   }
   const int64_t stage_rows = staged_rows(pb.experts);
+  std::vector<float> routing_lanes(kMixGroup * pb.experts * Isa::kLanes);
   for (int64_t s0 = 0; s0 < pb.reduction; s0 += stage_rows) {
     const int64_t sc = std::min(stage_rows, pb.reduction - s0);
     stage_experts<Isa>(pb, c0, s0, sc, staged);
     for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
       const int64_t group = std::min(kMixGroup, B - b0);
+      for (int64_t ie = 0; ie < group * pb.experts; ++ie)
+        std::fill_n(routing_lanes.data() + ie * Isa::kLanes, Isa::kLanes, pb.routing[b0 * pb.experts + ie]);
       for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
         const int64_t kc = std::min(kKc, sc - k0);
-        mix<Isa>(group, staged + k0 * kBlock, sc * kBlock, pb.routing + b0 * pb.experts, pb.experts, kc, panels);
+        mix<Isa>(group, staged + k0 * kBlock, sc * kBlock, routing_lanes.data(), pb.experts, kc, panels);
         for (int64_t i = 0; i < group; ++i) {
           const float* col = pb.cols + (b0 + i) * pb.cols_stride + (s0 + k0) * P;
           float* acc_b = acc + (b0 + i) * P * kBlock;
