@@ -1,56 +1,7 @@
-// The hand-written vector kernels compiled for AVX-512 (AVX-512F): the extension is built for baseline
-// x86-64, so this file alone generates AVX-512 (AVX-512F) code, and cpu_features.h picks it at run time on
-// CPUs that have it. Everything not compiled for AVX-512 (AVX-512F) is included before the target is set
-// (an inline function first compiled under it could be the copy the linker keeps for all callers).
-#include "cpu/fused_mix_gemm.h"
-#include "cpu/indirect_gemm.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <vector>
-
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f")
-#endif
-
-#include "cpu/fused_mix_gemm_kernel.h"
-#include "cpu/indirect_gemm_kernel.h"
-#include "cpu/simd_avx512.h"
-
-namespace condkernels::cpu {
-
-void indirect_gemm_avx512(const IndirectRows& rows, const IndirectCols& in, int64_t positions) {
-  indirect::gemm<Avx512>(rows, in, positions);
-}
-
-namespace fused_mix_gemm {
-void run_block_avx512(const Problem& pb, int64_t c0, float* staged, float* panels, float* acc) {
-  run_block<Avx512>(pb, c0, staged, panels, acc);
-}
-}  // namespace fused_mix_gemm
-
-}  // namespace condkernels::cpu
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-
-#else  // no x86-64 vector kernels: vector_isa() is kNone, so these are never called
-
-namespace condkernels::cpu {
-void indirect_gemm_avx512(const IndirectRows&, const IndirectCols&, int64_t) {}
-namespace fused_mix_gemm {
-void run_block_avx512(const Problem&, int64_t, float*, float*, float*) {}
-}  // namespace fused_mix_gemm
-}  // namespace condkernels::cpu
-
-#endif
+// The hand-written vector kernels compiled for AVX-512 (AVX-512F); cpu_features.h picks them at run
+// time on CPUs that have it (the extension itself is built for baseline x86-64).
+#define CONDKERNELS_VECTOR_TARGET "avx512f"
+#define CONDKERNELS_VECTOR_HEADER "cpu/simd_avx512.h"
+#define CONDKERNELS_VECTOR_ISA Avx512
+#define CONDKERNELS_VECTOR_NAME avx512
+#include "cpu/vector_kernels.inc"
