@@ -102,8 +102,9 @@ def test_single_expert_path(case, channels_last):
 
 # The fused small-plane forward (cpu/fused_mix_gemm.h; float32, NCHW, one group, AVX-512 and AVX2
 # CPUs, each build tested where the CPU has it): output channels not a multiple of its 16- and
-# 64-channel blocks, reductions not a multiple of its 8- or 16-row transposes or 32-row panels, pixel counts that split into blocks of 1 to 6, batches not a
-# multiple of the 4 examples mixed together, many experts.
+# 64-channel blocks, reductions not a multiple of its 8- or 16-row transposes or 32-row panels,
+# pixel counts that split into blocks of 1 to 6, batches not a multiple of the 4 examples mixed
+# together, many experts.
 FUSED = {
     "k3_odd_everything": (3, 5, 70, 3, 3, (5, 7), True, (1, 1), (1, 1, 1, 1)),
     "k3_stride2_asym": (5, 7, 17, 4, 3, (9, 8), False, (2, 2), (0, 1, 1, 0)),

@@ -362,8 +362,9 @@ def assert_float32_inference(y, want, og, channels_last):
 
 
 # float32 inference with an in_gate on planes up to 16x16 (any gates under 8x8) takes the indirect
-# GEMM on AVX-512 and AVX2 CPUs (each instruction set's build is tested where the CPU has it): odd channel counts (row blocks of every height), planes of 1 to 4 pixel
-# vectors and their tails, strided and padded.
+# GEMM on AVX-512 and AVX2 CPUs (each instruction set's build is tested where the CPU has it): odd
+# channel counts (row blocks of every height), planes of 1 to 4 pixel vectors and their tails,
+# strided and padded.
 INDIRECT_SHAPES = [  # (batch, cin, cout, hw, stride, padding)
     (1, 37, 21, 7, 1, 1),
     (5, 19, 50, 7, 1, 1),

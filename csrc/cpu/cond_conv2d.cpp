@@ -5,8 +5,8 @@
 //   k x k filters where they are used and never materialises the mixed weights.
 // - a single expert (E = 1), not depthwise: the library's convolution of the whole batch, scaled per
 //   example (y_b = r[b] conv(x_b, W)).
-// - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512 or AVX2): the forward
-//   mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
+// - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512 or AVX2): the
+//   forward mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
 //   cpu/fused_mix_gemm.h.
 // - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
 //   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
@@ -173,8 +173,8 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
   return mixed.view({n, T, Kg});
 }
 
-// Whether the forward runs through cpu/fused_mix_gemm.h: float32, NCHW, one group, an AVX-512 or AVX2 CPU,
-// and the sizes where it measured faster (see there). CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns it
+// Whether the forward runs through cpu/fused_mix_gemm.h: float32, NCHW, one group, an AVX-512 or
+// AVX2 CPU, and the sizes where it measured faster (see there). CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns it
 // off, =1 takes it whenever it can run (for the benchmark and the tests).
 bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts) {
   namespace fused = cpu::fused_mix_gemm;

@@ -9,8 +9,8 @@
 // memory once and transposed once into L2 (stage_experts); from it, (32, 64) panels are mixed for
 // four examples at a time, each staged vector loaded once for the four (mix_panels); and each panel,
 // in L1, meets its example's im2col columns in blocks of accumulator registers (64 channels x 5 or
-// 6 pixels with AVX-512, 16 x 5 or 6 with AVX2: multiply_block). Mixing costs E multiply-adds per weight and example, against P for
-// the product.
+// 6 pixels with AVX-512, 16 x 5 or 6 with AVX2: multiply_block). Mixing costs E multiply-adds per
+// weight and example, against P for the product.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -20,7 +20,6 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/scratch_pool.h"
-
 
 namespace condkernels {
 namespace cpu {
@@ -117,7 +116,6 @@ inline void run(const Problem& pb) {
     }
   });
 }
-
 
 }  // namespace fused_mix_gemm
 }  // namespace cpu

@@ -16,9 +16,11 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define CK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define CK_MULTIVERSION_BELOW_AVX512 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CK_MULTIVERSION
 #define CK_TARGET_AVX512
+#define CK_MULTIVERSION_BELOW_AVX512
 #endif
 
 namespace condkernels::rows {
@@ -209,22 +211,27 @@ CK_ROW_KERNELS(float, c10::BFloat16)
 #undef CK_ROW_KERNELS
 
 // One per accumulator type (the data type is converted before: the input plane is padded in A).
-// 64-byte vectors where the CPU has AVX-512, 32-byte ones elsewhere: a 64-byte vector compiled for
-// AVX2 is split in two and its broadcasts go through the stack (the depthwise layer ran 4x slower
-// than oneDNN's that way on an AMD EPYC without AVX-512).
-#define CK_MULTI_TAP(A)                                                                              \
-  CK_TARGET_AVX512 static void multi_tap_512(A* out, const A* x, const int64_t* off, const A* w,     \
-                                             int64_t taps, int64_t n, A init) {                     \
-    impl::multi_tap<A, 64>(out, x, off, w, taps, n, init);                                          \
-  }                                                                                                 \
-  CK_MULTIVERSION static void multi_tap_256(A* out, const A* x, const int64_t* off, const A* w,     \
-                                            int64_t taps, int64_t n, A init) {                      \
-    impl::multi_tap<A, 32>(out, x, off, w, taps, n, init);                                          \
-  }                                                                                                 \
-  static void multi_tap(A* out, const A* x, const int64_t* off, const A* w, int64_t taps, int64_t n, \
-                        A init) {                                                                   \
-    if (cpu::hardware_vector_isa() == cpu::VectorIsa::kAvx512) multi_tap_512(out, x, off, w, taps, n, init); \
-    else multi_tap_256(out, x, off, w, taps, n, init);                                              \
+// 64-byte vectors where the CPU has AVX-512, 32-byte ones elsewhere (compiled for AVX2 and
+// baseline only): a 64-byte vector compiled for AVX2 is split in two and its broadcasts go through
+// the stack (the depthwise layer ran 4x slower than oneDNN's that way on an AMD EPYC without
+// AVX-512). By the hardware, not CONDKERNELS_CPU_ISA: this runs once per row, too often to read
+// the environment.
+#define CK_MULTI_TAP(A)                                                                               \
+  CK_TARGET_AVX512 static void multi_tap_512(A* out, const A* x, const int64_t* off, const A* w,      \
+                                             int64_t taps, int64_t n, A init) {                      \
+    impl::multi_tap<A, 64>(out, x, off, w, taps, n, init);                                           \
+  }                                                                                                  \
+  CK_MULTIVERSION_BELOW_AVX512 static void multi_tap_256(A* out, const A* x, const int64_t* off,     \
+                                                         const A* w, int64_t taps, int64_t n, A init) { \
+    impl::multi_tap<A, 32>(out, x, off, w, taps, n, init);                                           \
+  }                                                                                                  \
+  static void multi_tap(A* out, const A* x, const int64_t* off, const A* w, int64_t taps, int64_t n,  \
+                        A init) {                                                                    \
+    if (cpu::hardware_vector_isa() == cpu::VectorIsa::kAvx512) {                                     \
+      multi_tap_512(out, x, off, w, taps, n, init);                                                  \
+    } else {                                                                                         \
+      multi_tap_256(out, x, off, w, taps, n, init);                                                  \
+    }                                                                                                \
   }
 
 CK_MULTI_TAP(float)
