@@ -37,6 +37,7 @@
 #include "common/gated_channels.h"
 #include "cpu/indirect_gemm.h"
 #include "cpu/library_conv.h"
+#include "cpu/parallel.h"
 #include "cpu/scratch_pool.h"
 #include "ops/gated_conv2d.h"
 
@@ -636,15 +637,19 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
 // planes and its block of results stay in the core's L2 cache.
 constexpr int64_t kPaddedTilePixels = 256;
 
+// With fewer examples than threads, the tiles are cut into about this many pieces per thread
+// (output-channel chunks of a tile), which the threads claim as they go.
+constexpr int64_t kPaddedItemsPerThread = 4;
+
 // y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, stride 1, NCHW contiguous x
 // and y, without im2col: the example's open input channels are copied once into zero-padded planes
 // of width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
 // padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
 // pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
 // (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56) as the
-// results are stored. Tiles of whole output rows (times chunks of output channels when they are too
-// few for the threads) are spread across the threads; each writes its open channels' rows of y,
-// and zeros for closed ones.
+// results are stored. Tiles of whole output rows (times chunks of output channels when the examples
+// are fewer than the threads, claimed by the threads as they go) are spread across the threads;
+// each writes its open channels' rows of y, and zeros for closed ones.
 void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                     const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
@@ -717,14 +722,12 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     gemm(out, in, rows * wp);
   };
 
-  if (g.batch >= 2 * threads) {  // whole examples per thread, each padded in the thread's own buffer
-    at::parallel_for(0, g.batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
-            kIndirectColsSlot, static_cast<size_t>(std::max<int64_t>(ins.count(b), 1) * plane_stride) * 4));
-        pad_planes(b, 0, ins.count(b), planes);
-        for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(b, tile, 0, cout, planes);
-      }
+  if (g.batch >= 2 * threads) {  // whole examples, claimed by the threads, padded in the thread's own buffer
+    cpu::for_each_claimed(g.batch, [&](int64_t b) {
+      float* planes = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
+          kIndirectColsSlot, static_cast<size_t>(std::max<int64_t>(ins.count(b), 1) * plane_stride) * 4));
+      pad_planes(b, 0, ins.count(b), planes);
+      for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(b, tile, 0, cout, planes);
     });
     return;
   }
@@ -739,16 +742,14 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
       if (i0 < i1) pad_planes(b, i0, i1, planes + first[b] * plane_stride);
     }
   });
-  const int64_t want = 2 * threads;
+  const int64_t want = kPaddedItemsPerThread * threads;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((want + g.batch * tiles - 1) / (g.batch * tiles),
                                                                 (cout + 15) / 16));
   const int64_t chunk = round_up((cout + chunks - 1) / chunks, 8);
   const int64_t per_example = tiles * chunks;
-  at::parallel_for(0, g.batch * per_example, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / per_example, tile = (i % per_example) / chunks, k = i % chunks;
-      compute_tile(b, tile, k * chunk, std::min(cout, (k + 1) * chunk), planes + first[b] * plane_stride);
-    }
+  cpu::for_each_claimed(g.batch * per_example, [&](int64_t i) {
+    const int64_t b = i / per_example, tile = (i % per_example) / chunks, k = i % chunks;
+    compute_tile(b, tile, k * chunk, std::min(cout, (k + 1) * chunk), planes + first[b] * plane_stride);
   });
 }
 
