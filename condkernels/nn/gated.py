@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gates import binary_concrete_gate, gate_probability
@@ -164,9 +165,7 @@ class ChannelGate(ForcedDensity, nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, gated_channels)
         self.forced_channels = gated_channels
-        self.last_logits: Optional[Tensor] = None
-        self.last_probability: Optional[Tensor] = None
-        self.last_open_fraction: Optional[Tensor] = None
+        self._last: Optional[tuple[Tensor, Tensor]] = None  # (logits, gate) of the last forward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -178,7 +177,13 @@ class ChannelGate(ForcedDensity, nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """``(B, gated_channels)`` gate logits of ``x``."""
-        return self.fc2(self.relu(self.bn(self.fc1(x.mean(dim=(2, 3))))))
+        # The layers run through their parameters, not their modules: at batch 1 the four submodule
+        # calls cost about as much as the pooling and both products (count_macs has a rule for the
+        # gate itself). BatchNorm is skipped once optimize_for_inference has folded it.
+        h = F.linear(x.mean(dim=(2, 3)), self.fc1.weight, self.fc1.bias)
+        if not isinstance(self.bn, nn.Identity):
+            h = self.bn(h)
+        return F.linear(torch.relu(h), self.fc2.weight, self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -190,12 +195,27 @@ class ChannelGate(ForcedDensity, nn.Module):
         else:
             gate = binary_concrete_gate(logits, self.tau, hard=True, training=self.training)
         if not torch.compiler.is_exporting():
-            self.last_logits = logits
-            self.last_probability = gate_probability(logits)
-            self.last_open_fraction = gate.detach().mean()
+            self._last = (logits, gate)
         return gate
 
-    _RECORDS = ("last_logits", "last_probability", "last_open_fraction", "_forced_mask_cache")
+    # What the last forward recorded. The soft values and the open fraction are derived when read
+    # (the losses and the counting read them once a step; inference never does).
+    @property
+    def last_logits(self) -> Optional[Tensor]:
+        """The last forward's logits (with their graph in training), or None before a forward."""
+        return None if self._last is None else self._last[0]
+
+    @property
+    def last_probability(self) -> Optional[Tensor]:
+        """``sigmoid(last_logits)`` (with its graph in training), or None before a forward."""
+        return None if self._last is None else gate_probability(self._last[0])
+
+    @property
+    def last_open_fraction(self) -> Optional[Tensor]:
+        """Fraction of the last forward's gates that were open (a detached 0-d tensor), or None."""
+        return None if self._last is None else self._last[1].detach().mean()
+
+    _RECORDS = ("_last", "_forced_mask_cache")
 
     def __getstate__(self):
         # The records of the last forward hold autograd graphs, which cannot be copied or pickled;

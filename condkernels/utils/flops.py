@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.condconv import CondConv2d
-from ..nn.gated import GatedConv2d
+from ..nn.gated import ChannelGate, GatedConv2d
 
 MacRule = Callable[[nn.Module, tuple, Tensor], int]
 MAC_RULES: dict[type, MacRule] = {}
@@ -58,6 +58,12 @@ def conv2d_macs(m: nn.Conv2d, inputs: tuple, out: Tensor) -> int:
 @register_mac_rule(nn.Linear)
 def linear_macs(m: nn.Linear, inputs: tuple, out: Tensor) -> int:
     return out.numel() * m.in_features
+
+
+@register_mac_rule(ChannelGate)
+def channel_gate_macs(m: ChannelGate, inputs: tuple, out: Tensor) -> int:
+    """Its two linear layers (it applies them through their parameters, so their own rule does not run)."""
+    return out.shape[0] * (m.fc1.in_features * m.fc1.out_features + m.fc2.in_features * m.fc2.out_features)
 
 
 @register_mac_rule(CondConv2d)
