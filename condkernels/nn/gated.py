@@ -162,7 +162,6 @@ class ChannelGate(ForcedDensity, nn.Module):
         self.init_bias = float(init_bias)
         self.fc1 = nn.Linear(in_channels, hidden)
         self.bn = nn.BatchNorm1d(hidden)
-        self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, gated_channels)
         self.forced_channels = gated_channels
         self._last: Optional[tuple[Tensor, Tensor]] = None  # (logits, gate) of the last forward
