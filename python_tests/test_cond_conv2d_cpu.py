@@ -288,3 +288,36 @@ def test_large_weight_gradient_from_the_output_cache():
     del third
     assert condkernels.empty_cpu_cache() >= 2 * experts * cout * cin * k * k * 4
     assert condkernels.empty_cpu_cache() == 0
+
+
+# Under torch.inference_mode the output is an inference tensor, which worker threads may not update
+# in place unless they run with the caller's state (the per-example GEMMs are ATen out= calls made
+# from at::parallel_for workers). Enough examples for the per-example threads, every path.
+INFERENCE_MODE_CASES = {
+    "depthwise": DEPTHWISE["k3"],
+    "pointwise": MIX_GEMM["pointwise"],
+    "dense_k3": MIX_GEMM["dense_k3"],
+    "grouped_k3": MIX_GEMM["grouped_k3"],
+    "single_expert": SINGLE_EXPERT["pointwise"],
+}
+
+
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["mix_gemm", "fused"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(INFERENCE_MODE_CASES), ids=list(INFERENCE_MODE_CASES))
+def test_every_path_under_inference_mode(case, channels_last, fused, monkeypatch):
+    monkeypatch.setenv(FUSED_ENV, fused)
+    _, cin, cout, experts, k, hw, groups, bias, stride, pad, dilation = INFERENCE_MODE_CASES[case]
+    batch = max(4, 2 * torch.get_num_threads())
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, dtype=torch.float32, seed=3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (list(stride), list(pad), list(dilation), groups)
+    want = OP(x, r, w, b, *args)
+    with torch.inference_mode():
+        got = OP(x, r, w, b, *args)
+        made_inside = [t.clone() if t is not None else None for t in (x, r, w, b)]
+        got_inside = OP(*made_inside, *args)
+    assert got.is_inference() and got_inside.is_inference()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_inside, want, rtol=1e-6, atol=1e-6)

@@ -612,3 +612,27 @@ def test_cpu_vector_isa_cap(monkeypatch):
     monkeypatch.setenv("CONDKERNELS_CPU_ISA", "avx1024")
     with pytest.raises(RuntimeError, match="CONDKERNELS_CPU_ISA must be avx512, avx2 or none"):
         condkernels.gated_conv2d(x, w, None, ig, None, padding=1)
+
+
+@pytest.mark.parametrize("kernel", ["padded", "indirect", "per_example", "dense", "float64"])
+def test_every_path_under_inference_mode(kernel, monkeypatch):
+    """Under torch.inference_mode (inference tensors, ATen calls from worker threads) every CPU path
+    gives what it gives outside it."""
+    monkeypatch.setenv(DENSE_ABOVE, "0" if kernel == "dense" else "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
+    monkeypatch.setenv(INDIRECT_POSITIONS, "1000000" if kernel == "indirect" else "0")
+    dtype = torch.float64 if kernel == "float64" else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    batch = max(4, 2 * torch.get_num_threads())
+    x = torch.randn(batch, 12, 9, 9, generator=gen, dtype=dtype)
+    w = torch.randn(10, 12, 3, 3, generator=gen, dtype=dtype)
+    b = torch.randn(10, generator=gen, dtype=dtype)
+    ig = (torch.rand(batch, 12, generator=gen) < 0.5).to(dtype)
+    og = (torch.rand(batch, 10, generator=gen) < 0.5).to(dtype)
+    want = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+    with torch.inference_mode():
+        got = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+        got_inside = condkernels.gated_conv2d(x.clone(), w.clone(), b.clone(), ig.clone(), og.clone(), padding=1)
+    assert got.is_inference() and got_inside.is_inference()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_inside, want, rtol=1e-6, atol=1e-6)

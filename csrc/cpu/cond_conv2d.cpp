@@ -36,6 +36,7 @@
 #include "cpu/library_conv.h"
 #include "cpu/mixing.h"
 #include "cpu/output_cache.h"
+#include "cpu/parallel.h"
 #include "cpu/scratch_pool.h"
 #include "ops/cond_conv2d.h"
 
@@ -110,12 +111,13 @@ Tiling plan_tiling(const ConvGeometry& g, bool direct_input, int64_t element_siz
   return {chunk, std::min(tile, cout_g)};
 }
 
-// Runs f(b) for b in [0, n): in parallel over examples when there are enough of them, otherwise in
-// order so that the GEMMs inside f get the threads.
+// Runs f(b) for b in [0, n): in parallel over examples when there are enough of them (the workers
+// with the caller's state: f calls ATen GEMMs), otherwise in order so that the GEMMs inside f get
+// the threads.
 template <typename F>
 void for_each_example(int64_t n, const F& f) {
   if (n > 1 && n >= at::get_num_threads()) {
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_as_caller(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) f(b);
     });
   } else {

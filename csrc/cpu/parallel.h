@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <atomic>
 #include <cstdint>
@@ -21,6 +22,19 @@ void for_each_claimed(int64_t n, const F& f) {
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
          i = next.fetch_add(1, std::memory_order_relaxed))
       f(i);
+  });
+}
+
+// at::parallel_for whose workers run f with the calling thread's state (inference mode, grad mode,
+// the dispatch keys it excludes), so that ATen ops inside f behave as they would in the caller. Worker
+// threads do not inherit it: there, an in-place or out= op on a tensor the caller made under
+// torch.inference_mode() is refused, and ops go through autograd again.
+template <typename F>
+void parallel_for_as_caller(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard as_caller(caller);
+    f(b, e);
   });
 }
 
