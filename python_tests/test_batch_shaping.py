@@ -325,3 +325,14 @@ def test_triton_opcheck():
     for requires_grad in (False, True):
         torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss_triton.default,
                               (gates.clone().requires_grad_(requires_grad), "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6))
+
+
+def test_autocast_computes_in_float32():
+    """Inside torch.autocast the loss runs in float32, as PyTorch's losses do."""
+    gates = gates_like(16, (5,), seed=3, dtype=torch.float32).bfloat16().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = condkernels.batch_shaping_loss(gates)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, condkernels.batch_shaping_loss(gates.detach().float()))
+    loss.backward()
+    assert gates.grad is not None and gates.grad.dtype == torch.bfloat16

@@ -302,3 +302,21 @@ def test_cpu_tensors_with_cuda_backend_error():
     x, r, w, b = make_inputs(2, 4, 6, 3, 3, (6, 6), 1, True)
     with pytest.raises((RuntimeError, ValueError), match="backend='cuda'"):
         condkernels.cond_conv2d(x, r, w, b, backend="cuda")
+
+
+def test_autocast_runs_in_the_region_dtype():
+    """Inside torch.autocast the op runs in bfloat16 as conv2d does; float32 leaves get float32
+    gradients through the casts; float64 arguments are left alone."""
+    x, r, w, b = make_inputs(3, 6, 8, 4, 3, (7, 7), 1, True, dtype=torch.float32, seed=5)
+    leaves = [t.clone().requires_grad_(True) for t in (x, r, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = condkernels.cond_conv2d(*leaves, padding=1)
+    assert y.dtype == torch.bfloat16
+    want = condkernels.cond_conv2d(*(t.bfloat16() for t in (x, r, w, b)), padding=1)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().sum().backward()
+    for leaf in leaves:
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float32
+    x64, r64, w64, b64 = make_inputs(2, 4, 4, 2, 1, (3, 3), 1, True, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert condkernels.cond_conv2d(x64, r64, w64, b64).dtype == torch.float64

@@ -636,3 +636,24 @@ def test_every_path_under_inference_mode(kernel, monkeypatch):
     assert got.is_inference() and got_inside.is_inference()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_inside, want, rtol=1e-6, atol=1e-6)
+
+
+def test_autocast_runs_in_the_region_dtype():
+    """Inside torch.autocast the op runs in bfloat16 as conv2d does, gates cast too; float32 leaves
+    get float32 gradients through the casts."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 6, 7, 7, generator=gen, requires_grad=True)
+    w = torch.randn(8, 6, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(8, generator=gen, requires_grad=True)
+    ig = (torch.rand(3, 6, generator=gen) < 0.5).float().requires_grad_(True)
+    og = (torch.rand(3, 8, generator=gen) < 0.5).float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+    assert y.dtype == torch.bfloat16
+    # The same path as the region's (an out_gate requiring grad computes every output channel).
+    want = condkernels.gated_conv2d(*(t.detach().bfloat16().requires_grad_(True) for t in (x, w, b, ig, og)),
+                                    padding=1)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().sum().backward()
+    for leaf in (x, w, b, ig, og):
+        assert leaf.grad is not None and leaf.grad.dtype == torch.float32

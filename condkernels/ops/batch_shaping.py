@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
+from . import _autocast
 from ._backend import resolve_backend
 
 OP = "batch_shaping_loss"
@@ -73,8 +74,11 @@ def batch_shaping_loss(
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        A 0-d tensor in gates' dtype.
+        A 0-d tensor in gates' dtype. Inside ``torch.autocast`` the loss is computed in float32,
+        as PyTorch's losses are (gates cast; their gradient comes back in their dtype).
     """
+    if isinstance(gates, Tensor):
+        (gates,) = _autocast.float32(gates.device.type, gates)
     prior_a, prior_b = _check_args(gates, alpha, beta, prior, reduction, prior_params)
     pdf_lo, pdf_hi = _check_pdf_clip(pdf_clip)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < 0.5):

@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
 from ._backend import resolve_backend
-from . import _conv_args
+from . import _autocast, _conv_args
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "cond_conv2d"
@@ -62,7 +62,11 @@ def cond_conv2d(
     Returns:
         ``(B, Cout, H_out, W_out)``, in x's memory format. Differentiable in x, routing, weight
         and bias: ``dW_e = sum_b r[b,e] dW_b`` and ``dr[b,e] = <dW_b, W_e> + <db_b, bias_e>``.
+        Inside ``torch.autocast`` the op runs in the region's dtype, as ``conv2d`` does (float32
+        arguments are cast; their gradients come back in float32).
     """
+    if isinstance(x, Tensor):
+        x, routing, weight, bias = _autocast.lower_precision(x.device.type, x, routing, weight, bias)
     check_args(x, routing, weight, bias, groups)
     stride2, pad4, dilation2 = normalize_conv_args(
         OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation

@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _library
 from .. import reference
 from ._backend import resolve_backend
-from . import _conv_args
+from . import _autocast, _conv_args
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "gated_conv2d"
@@ -85,8 +85,14 @@ def gated_conv2d(
             ``"triton"``, or ``"reference"`` (the dense masked formulation, in pure PyTorch).
 
     Returns:
-        ``(B, Cout, H_out, W_out)``, in x's memory format.
+        ``(B, Cout, H_out, W_out)``, in x's memory format. Inside ``torch.autocast`` the op runs in
+        the region's dtype, as ``conv2d`` does (float32 arguments, gates included, are cast; their
+        gradients come back in float32).
     """
+    if isinstance(x, Tensor):
+        x, weight, bias, in_gate, out_gate = _autocast.lower_precision(
+            x.device.type, x, weight, bias, in_gate, out_gate
+        )
     check_args(x, weight, bias, in_gate, out_gate, groups)
     stride2, pad4, dilation2 = normalize_conv_args(
         OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation

@@ -1,0 +1,34 @@
+"""What ``torch.autocast`` does to the arguments of condkernels' ops, as it does to their PyTorch
+counterparts: the convolutions run in the region's lower precision (the policy of ``conv2d``), the
+batch-shaping loss in float32 (the policy of PyTorch's losses). Outside an autocast region of the
+tensors' device type, and for float64 or non-floating tensors, arguments pass unchanged. The casts
+are ordinary differentiable ops, so gradients reach float32 parameters in float32."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _cast(device_type: str, dtype: torch.dtype, tensors: tuple) -> tuple:
+    return tuple(
+        t.to(dtype)
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        and t.device.type == device_type
+        else t
+        for t in tensors
+    )
+
+
+def lower_precision(device_type: str, *tensors):
+    """``tensors`` in the autocast region's dtype (bfloat16 or float16) when autocast is on."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return _cast(device_type, torch.get_autocast_dtype(device_type), tensors)
+
+
+def float32(device_type: str, *tensors):
+    """``tensors`` in float32 when autocast is on."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return _cast(device_type, torch.float32, tensors)
