@@ -20,15 +20,20 @@ def _cast(device_type: str, dtype: torch.dtype, tensors: tuple) -> tuple:
     )
 
 
+def _enabled(device_type: str) -> bool:
+    # Device types without autocast (meta, for counting) cannot be asked whether it is on.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def lower_precision(device_type: str, *tensors):
     """``tensors`` in the autocast region's dtype (bfloat16 or float16) when autocast is on."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _enabled(device_type):
         return tensors
     return _cast(device_type, torch.get_autocast_dtype(device_type), tensors)
 
 
 def float32(device_type: str, *tensors):
     """``tensors`` in float32 when autocast is on."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _enabled(device_type):
         return tensors
     return _cast(device_type, torch.float32, tensors)
