@@ -637,7 +637,7 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
 // planes and its block of results stay in the core's L2 cache.
 constexpr int64_t kPaddedTilePixels = 256;
 
-// With fewer examples than threads, the tiles are cut into about this many pieces per thread
+// With fewer than two examples per thread, the tiles are cut into about this many pieces per thread
 // (output-channel chunks of a tile), which the threads claim as they go.
 constexpr int64_t kPaddedItemsPerThread = 4;
 
@@ -647,9 +647,9 @@ constexpr int64_t kPaddedItemsPerThread = 4;
 // padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
 // pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
 // (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56) as the
-// results are stored. Tiles of whole output rows (times chunks of output channels when the examples
-// are fewer than the threads, claimed by the threads as they go) are spread across the threads;
-// each writes its open channels' rows of y, and zeros for closed ones.
+// results are stored. The threads claim whole examples, or with few examples tiles of whole output
+// rows (times chunks of output channels), as they go; each writes its open channels' rows of y, and
+// zeros for closed ones.
 void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                     const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;

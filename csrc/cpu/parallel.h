@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
