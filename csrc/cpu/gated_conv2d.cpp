@@ -8,11 +8,11 @@
 // throughput on the AMD CPU benchmarked, losing to the dense convolution it is meant to beat; it is
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
 // float32 inference (groups == 1, AVX-512 or AVX2 CPUs) runs an indirect GEMM instead
-// (cpu/indirect_gemm.h): the weight rows are read in place, so no filter is gathered or reordered per example (those copies
-// cost more than the multiply-adds on the 7x7 and 14x14 layers). At stride 1 from 10x10 planes (7x7
-// batched) its columns are the example's zero-padded open planes themselves (padded_forward);
-// otherwise, with an in_gate on planes up to 16x16 or any gates under 8x8, an im2col of the open
-// channels (indirect_forward).
+// (cpu/indirect_gemm.h): the weight rows are read in place, so no filter is gathered or reordered
+// per example (those copies cost more than the multiply-adds on the 7x7 and 14x14 layers). At
+// stride 1 from 10x10 planes (7x7 batched) its columns are the example's zero-padded open planes
+// themselves (padded_forward); otherwise, with an in_gate on planes up to 16x16 or any gates under
+// 8x8, an im2col of the open channels (indirect_forward).
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
@@ -612,14 +612,14 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // --- float32 forward on zero-padded planes (stride 1) ------------------------------------------------
 
 // Which stride-1 planes take padded_forward (float32, AVX-512 or AVX2), from `python -m
-// condkernels.bench --suite gated --full --paths` (`compacted padded=0|1`) on a 2-core Intel Xeon (AVX-512): at batch 1
-// it beat the oneDNN/im2col paths on 14x14 to 56x56 planes at every density (64 @ 56x56, density 0.5:
-// 0.49-0.55 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against 0.58-0.67) and lost on 7x7 (512
-// channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9 cost more than the im2col there);
-// at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate, density 0.25: 9.3 ms against 12.9)
-// and tied oneDNN per example on the larger planes (within 10% either way).
-// CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge value: never; 0: wherever it
-// applies) for measurements and tests.
+// condkernels.bench --suite gated --full --paths` (`compacted padded=0|1`) on a 2-core Intel Xeon
+// (AVX-512): at batch 1 it beat the oneDNN/im2col paths on 14x14 to 56x56 planes at every density
+// (64 @ 56x56, density 0.5: 0.49-0.55 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against
+// 0.58-0.67) and lost on 7x7 (512 channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9
+// cost more than the im2col there); at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate,
+// density 0.25: 9.3 ms against 12.9) and tied oneDNN per example on the larger planes (within 10%
+// either way). CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge value: never; 0:
+// wherever it applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
 
