@@ -130,6 +130,29 @@ def test_fused_small_plane_forward(case, vector_isa, monkeypatch):
         assert err <= 2e-5 * want.abs().max().item(), (policy, err)
 
 
+@pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
+def test_fused_small_plane_input_gradient(case, vector_isa, monkeypatch):
+    """The backward's column gradients W_b^T dy_b from the same kernel with the experts read
+    transposed; the other gradients, from the tiles, must be unaffected by the switch."""
+    batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, 1, bias, dtype=torch.float32, seed=11)
+    args = (list(stride), list(pad), [1, 1], 1)
+    y = OP(x, r, w, b, *args)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(12))
+    grad_out[-1, -1, -1, -1] = 1e3  # one large output gradient: it reaches every block of the last example
+    _, want = oracle_with_grads(x, r, w, b, stride, pad, (1, 1), 1, grad_out)
+    for policy in ("1", "0"):
+        monkeypatch.setenv(FUSED_ENV, policy)
+        for mask in ([True, True, True, True], [True, False, False, False]):
+            grads = BACKWARD(grad_out, x, r, w, b, *args, mask)
+            for name, got, ref, wanted in zip(("x", "routing", "weight", "bias"), grads, want, mask):
+                if ref is None or not wanted:
+                    assert got.shape == (0,), (policy, name)
+                    continue
+                err = (got.double() - ref).abs().max().item()
+                assert err <= 2e-5 * ref.abs().max().item(), (policy, mask, name, err)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(DEPTHWISE), ids=list(DEPTHWISE))
 def test_depthwise_direct_kernel(case, channels_last):

@@ -7,7 +7,7 @@
 //   example (y_b = r[b] conv(x_b, W)).
 // - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512 or AVX2): the
 //   forward mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
-//   cpu/fused_mix_gemm.h.
+//   cpu/fused_mix_gemm.h; the backward's column gradients W_b^T dy_b come from the same kernel.
 // - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
 //   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
 //   output channels are walked in tiles: one GEMM routing[chunk] @ W[:, tile] reads each expert tile
@@ -262,6 +262,10 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   const int64_t Cg = g.in_channels_per_group(), Kg = Cg * taps, cout_g = g.out_channels_per_group();
   const bool direct_input = g.is_pointwise();
   const bool need_dw = mask[1] || mask[2];
+  // Small planes: the column gradients come from the fused kernel (the forward's problem with the
+  // experts transposed), each written once, where the tiles below would add every tile's share.
+  const bool fused_dx = mask[0] && use_fused_mix_gemm(g, channels_last, x, E);
+  const bool tiled_dx = mask[0] && !fused_dx;
   const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
   const at::Tensor weight_flat = weight.view({E, -1});
   const at::Tensor go_rows = as_example_matrices(grad_out, channels_last);
@@ -288,19 +292,28 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
                           x.options().memory_format(at::MemoryFormat::Contiguous));
       }
     }
+    if (fused_dx) {
+      const int64_t P = g.out_h * g.out_w;
+      const cpu::fused_mix_gemm::Problem problem{
+          grad_out.const_data_ptr<float>() + b0 * grad_out.stride(0), grad_out.stride(0),
+          weight.const_data_ptr<float>(), routing.const_data_ptr<float>() + b0 * E, nullptr,
+          dcols.mutable_data_ptr<float>(), dcols.stride(0), n, E, Kg, g.out_channels, P,
+          /*weight_transposed=*/true};
+      cpu::fused_mix_gemm::run(problem);
+    }
     bool first_tile = true;
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t grp = 0; grp < g.groups && (need_dw || tiled_dx); ++grp) {
       for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
         const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
         const bool first_in_group = t0 == 0;
         const at::Tensor mixed =
-            mask[0] ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
+            tiled_dx ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
         // Per-example weight gradients of this tile, (n, T, Kg) in the columns' order.
         const at::Tensor dw_tile = need_dw ? pooled(kWeightGradSlot, {n, T, Kg}, x.options()) : at::Tensor();
         for_each_example(n, [&](int64_t i) {
           const at::Tensor go = channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
                                               : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
-          if (mask[0]) {
+          if (tiled_dx) {
             at::Tensor dc = group_columns(dcols[i], channels_last, grp, Kg);
             const at::Tensor a = channels_last ? go : mixed[i].t();
             const at::Tensor b = channels_last ? mixed[i] : go;

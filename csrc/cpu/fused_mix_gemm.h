@@ -10,7 +10,8 @@
 // four examples at a time, each staged vector loaded once for the four (mix_panels); and each panel,
 // in L1, meets its example's im2col columns in blocks of accumulator registers (64 channels x 5 or
 // 6 pixels with AVX-512, 16 x 5 or 6 with AVX2: multiply_block). Mixing costs E multiply-adds per
-// weight and example, against P for the product.
+// weight and example, against P for the product. The backward's column gradients W_b^T dy_b are the
+// same problem with the experts read transposed (Problem::weight_transposed).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -28,12 +29,12 @@ namespace fused_mix_gemm {
 constexpr int64_t kBlock = 64;     // output channels per panel: 4 AVX-512 or 8 AVX2 vectors
 constexpr int64_t kKc = 32;        // reduction rows per panel: 8 KB
 constexpr int64_t kMixGroup = 4;   // examples mixed together: their 4 panels stay in L1
-constexpr int64_t kStagedBytes = 1 << 20;  // transposed expert pieces: half of a core's L2
 
 // Reduction rows staged at once: long enough runs of each expert row for the hardware prefetchers,
 // short enough for E experts' pieces to stay in L2.
 inline int64_t staged_rows(int64_t experts) {
-  const int64_t rows = kStagedBytes / (experts * kBlock * static_cast<int64_t>(sizeof(float)));
+  const int64_t staged_bytes = l2_cache_bytes() / 2;  // the other half: panels, columns, accumulators
+  const int64_t rows = staged_bytes / (experts * kBlock * static_cast<int64_t>(sizeof(float)));
   return std::max<int64_t>(kKc, rows / kKc * kKc);
 }
 
@@ -50,15 +51,20 @@ constexpr int64_t kMaxPlane = 64;
 constexpr int64_t kMinBatch = 2;
 constexpr int64_t kMaxExperts = 16;
 
+// y_b = (sum_e r[b,e] W_e) cols_b + bias_b for every example b. The layer's forward has W_e =
+// weight[e] (Cout, K); the gradient of its im2col columns, dcols_b = W_b^T dy_b, is the same
+// problem with the experts read transposed (weight_transposed: out_channels = the layer's K,
+// reduction = its Cout, cols = dy) and no bias.
 struct Problem {
   const float* cols;     // (B, K, P): each example's im2col columns (or x itself for a plain 1x1)
   int64_t cols_stride;   // elements between two examples' columns
-  const float* weight;   // (E, Cout, K)
+  const float* weight;   // (E, Cout, K), or (E, K, Cout) when weight_transposed
   const float* routing;  // (B, E)
   const float* bias;     // (B, Cout) mixed bias, or null
   float* y;              // (B, Cout, P), examples y_stride apart
   int64_t y_stride;
   int64_t batch, experts, out_channels, reduction, pixels;
+  bool weight_transposed = false;
 };
 
 // One block of kBlock output channels from c0 for every example of `pb`, with the calling thread's

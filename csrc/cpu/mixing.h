@@ -76,7 +76,8 @@ void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t l
 }
 
 // out[b, e] (=|+=) <a[b, :n_cols], w[e, :n_cols]> for b < n_rows, e < experts (rows `a_ld` and `ld`
-// apart, out dense (n_rows, experts)): the routing gradient of a tile, reading each expert row once.
+// apart, out dense (n_rows, experts)): the routing gradient of a tile, four rows of `a` and two
+// experts per pass over a block of columns.
 template <typename A, typename T>
 void dot_columns(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t ld, int64_t experts,
                  int64_t n_cols, T* out, bool accumulate) {
@@ -86,8 +87,21 @@ void dot_columns(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t l
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
       A* part = partial.data() + blk * n_rows * experts;
-      for (int64_t e = 0; e < experts; ++e)
-        for (int64_t b = 0; b < n_rows; ++b)
+      A dots[8];
+      int64_t b = 0;
+      for (; b + 4 <= n_rows; b += 4) {
+        int64_t e = 0;
+        for (; e + 2 <= experts; e += 2) {
+          rows::dot_rows4x2(dots, a + b * a_ld + c0, a_ld, w + e * ld + c0, ld, nc);
+          for (int64_t k = 0; k < 4; ++k)
+            for (int64_t j = 0; j < 2; ++j) part[(b + k) * experts + e + j] = dots[2 * k + j];
+        }
+        for (; e < experts; ++e)
+          for (int64_t k = 0; k < 4; ++k)
+            part[(b + k) * experts + e] = rows::dot_strided(a + (b + k) * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
+      }
+      for (; b < n_rows; ++b)
+        for (int64_t e = 0; e < experts; ++e)
           part[b * experts + e] = rows::dot_strided(a + b * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
     }
   });

@@ -117,6 +117,25 @@ inline __attribute__((always_inline)) void dot_panel(A* __restrict acc, const T*
   }
 }
 
+// out[2 * k + j] = sum_i a[k * a_ld + i] * w[j * w_ld + i] for k < 4, j < 2: eight dot products in
+// one pass, each loaded vector used twice or four times (one dot at a time loads two per multiply-add).
+template <typename A, typename T>
+inline __attribute__((always_inline)) void dot_rows4x2(A* __restrict out, const T* __restrict a, int64_t a_ld,
+                                                        const T* __restrict w, int64_t w_ld, int64_t n) {
+  const T *a0 = a, *a1 = a + a_ld, *a2 = a + 2 * a_ld, *a3 = a + 3 * a_ld, *w0 = w, *w1 = w + w_ld;
+  A s00 = 0, s01 = 0, s10 = 0, s11 = 0, s20 = 0, s21 = 0, s30 = 0, s31 = 0;
+#pragma omp simd reduction(+ : s00, s01, s10, s11, s20, s21, s30, s31)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v0 = static_cast<A>(w0[i]), v1 = static_cast<A>(w1[i]);
+    const A x0 = static_cast<A>(a0[i]), x1 = static_cast<A>(a1[i]), x2 = static_cast<A>(a2[i]),
+            x3 = static_cast<A>(a3[i]);
+    s00 += x0 * v0; s01 += x0 * v1; s10 += x1 * v0; s11 += x1 * v1;
+    s20 += x2 * v0; s21 += x2 * v1; s30 += x3 * v0; s31 += x3 * v1;
+  }
+  out[0] = s00; out[1] = s01; out[2] = s10; out[3] = s11;
+  out[4] = s20; out[5] = s21; out[6] = s30; out[7] = s31;
+}
+
 // acc[k * acc_ld + i] += sum_{j<4} r[k * 4 + j] * w_j[i] for NB (1 or 4) accumulator rows: four
 // expert rows at a time (more concurrent streams at a large power-of-two stride thrash the cache sets).
 template <int NB, typename A, typename T>
@@ -197,6 +216,10 @@ inline __attribute__((always_inline)) void multi_tap(A* __restrict out, const A*
   CK_MULTIVERSION static void mix4_rows1(A* acc, const T* w0, const T* w1, const T* w2, const T* w3,    \
                                         const A* r, int64_t n) {                                   \
     impl::mix4_rows<1, A, T>(acc, 0, w0, w1, w2, w3, r, n);                                        \
+  }                                                                                                \
+  CK_MULTIVERSION static void dot_rows4x2(A* out, const T* a, int64_t a_ld, const T* w, int64_t w_ld,  \
+                                         int64_t n) {                                              \
+    impl::dot_rows4x2<A, T>(out, a, a_ld, w, w_ld, n);                                             \
   }                                                                                                \
   CK_MULTIVERSION static void mix4_rows4(A* acc, int64_t acc_ld, const T* w0, const T* w1,          \
                                         const T* w2, const T* w3, const A* r, int64_t n) {         \
