@@ -48,11 +48,15 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
       for (int64_t kk = 0; kk < kc; kk += W) {
         const int width = static_cast<int>(std::min<int64_t>(W, kc - kk));
         typename Isa::Vec rows[W];
+        // The next expert's lines of these rows, a whole expert's piece ahead: the rows are short
+        // runs (kc floats each) that the hardware prefetchers barely follow.
+        const bool prefetch = e + 1 < pb.experts && (kk & 15) == 0;
         for (int j = 0; j < W; ++j) {
           const int64_t c = c0 + j0 + j;
           const float* src = pb.weight + e * expert_stride + c * K + k0 + kk;
           // A plain load where the row is whole: AVX2's masked load is much slower on some CPUs.
           rows[j] = c >= pb.out_channels ? Isa::zero() : width == W ? Isa::loadu(src) : Isa::load_first(src, width);
+          if (prefetch && c < pb.out_channels) _mm_prefetch(reinterpret_cast<const char*>(src + expert_stride), _MM_HINT_T0);
         }
         Isa::transpose(rows);
         for (int k = 0; k < width; ++k) Isa::store(out + (kk + k) * kBlock + j0, rows[k]);
