@@ -112,6 +112,8 @@ FUSED = {
     "one_pixel": (2, 16, 20, 2, 3, (1, 1), True, (1, 1), (1, 1, 1, 1)),
     "many_experts_long_reduction": (4, 33, 65, 24, 3, (4, 4), True, (1, 1), (1, 1, 1, 1)),
     "batch1": (1, 9, 31, 5, 3, (6, 6), True, (1, 1), (1, 1, 1, 1)),
+    # im2col columns over the 16 MB budget of one run: two runs, the second adding to dW_e
+    "two_runs_of_examples": (16, 512, 8, 2, 3, (8, 8), True, (1, 1), (1, 1, 1, 1)),
 }
 
 
@@ -131,9 +133,9 @@ def test_fused_small_plane_forward(case, vector_isa, monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
-def test_fused_small_plane_input_gradient(case, vector_isa, monkeypatch):
-    """The backward's column gradients W_b^T dy_b from the same kernel with the experts read
-    transposed; the other gradients, from the tiles, must be unaffected by the switch."""
+def test_fused_small_plane_backward(case, vector_isa, monkeypatch):
+    """The backward's column gradients W_b^T dy_b from the forward's kernel with the experts read
+    transposed, and dW_e, dr from cpu/fused_weight_grad.h, for every subset of them asked for."""
     batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
     x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, 1, bias, dtype=torch.float32, seed=11)
     args = (list(stride), list(pad), [1, 1], 1)
@@ -143,7 +145,8 @@ def test_fused_small_plane_input_gradient(case, vector_isa, monkeypatch):
     _, want = oracle_with_grads(x, r, w, b, stride, pad, (1, 1), 1, grad_out)
     for policy in ("1", "0"):
         monkeypatch.setenv(FUSED_ENV, policy)
-        for mask in ([True, True, True, True], [True, False, False, False]):
+        for mask in ([True, True, True, True], [True, False, False, False], [False, True, False, False],
+                     [False, False, True, False], [False, True, True, True]):
             grads = BACKWARD(grad_out, x, r, w, b, *args, mask)
             for name, got, ref, wanted in zip(("x", "routing", "weight", "bias"), grads, want, mask):
                 if ref is None or not wanted:

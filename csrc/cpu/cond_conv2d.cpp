@@ -7,7 +7,8 @@
 //   example (y_b = r[b] conv(x_b, W)).
 // - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512 or AVX2): the
 //   forward mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
-//   cpu/fused_mix_gemm.h; the backward's column gradients W_b^T dy_b come from the same kernel.
+//   cpu/fused_mix_gemm.h; the backward's column gradients W_b^T dy_b come from the same kernel, and
+//   dW_e, dr from cpu/fused_weight_grad.h, which folds each example's dW_b as it is made.
 // - everything else (1x1, strided 1x1, dense and grouped k x k): "mix + GEMM". The input is laid out
 //   as im2col columns once per run of examples (or used in place for a stride-1 unpadded 1x1), and the
 //   output channels are walked in tiles: one GEMM routing[chunk] @ W[:, tile] reads each expert tile
@@ -32,6 +33,7 @@
 
 #include "cpu/depthwise.h"
 #include "cpu/fused_mix_gemm.h"
+#include "cpu/fused_weight_grad.h"
 #include "cpu/im2col.h"
 #include "cpu/library_conv.h"
 #include "cpu/mixing.h"
@@ -264,8 +266,10 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   const bool need_dw = mask[1] || mask[2];
   // Small planes: the column gradients come from the fused kernel (the forward's problem with the
   // experts transposed), each written once, where the tiles below would add every tile's share.
-  const bool fused_dx = mask[0] && use_fused_mix_gemm(g, channels_last, x, E);
-  const bool tiled_dx = mask[0] && !fused_dx;
+  // The expert and routing gradients likewise fold each example's piece of dW_b as it is made.
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E);
+  const bool fused_dx = mask[0] && fused, tiled_dx = mask[0] && !fused;
+  const bool fused_dw = need_dw && fused, tiled_dw = need_dw && !fused;
   const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
   const at::Tensor weight_flat = weight.view({E, -1});
   const at::Tensor go_rows = as_example_matrices(grad_out, channels_last);
@@ -301,15 +305,26 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
           /*weight_transposed=*/true};
       cpu::fused_mix_gemm::run(problem);
     }
+    if (fused_dw) {
+      const int64_t P = g.out_h * g.out_w;
+      const cpu::fused_weight_grad::Problem problem{
+          cols.const_data_ptr<float>(), cols.stride(0),
+          grad_out.const_data_ptr<float>() + b0 * grad_out.stride(0), grad_out.stride(0),
+          weight.const_data_ptr<float>(), routing.const_data_ptr<float>() + b0 * E,
+          mask[2] ? grad_weight.mutable_data_ptr<float>() : nullptr,
+          mask[1] ? grad_routing.mutable_data_ptr<float>() + b0 * E : nullptr,
+          /*accumulate=*/b0 > 0, n, E, g.out_channels, Kg, P};
+      cpu::fused_weight_grad::run(problem);
+    }
     bool first_tile = true;
-    for (int64_t grp = 0; grp < g.groups && (need_dw || tiled_dx); ++grp) {
+    for (int64_t grp = 0; grp < g.groups && (tiled_dw || tiled_dx); ++grp) {
       for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
         const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
         const bool first_in_group = t0 == 0;
         const at::Tensor mixed =
             tiled_dx ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
         // Per-example weight gradients of this tile, (n, T, Kg) in the columns' order.
-        const at::Tensor dw_tile = need_dw ? pooled(kWeightGradSlot, {n, T, Kg}, x.options()) : at::Tensor();
+        const at::Tensor dw_tile = tiled_dw ? pooled(kWeightGradSlot, {n, T, Kg}, x.options()) : at::Tensor();
         for_each_example(n, [&](int64_t i) {
           const at::Tensor go = channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
                                               : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
@@ -322,7 +337,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
             else
               dc.addmm_(a, b);
           }
-          if (need_dw) {
+          if (tiled_dw) {
             const at::Tensor cols_g = group_columns(cols[i], channels_last, grp, Kg);
             at::Tensor dw = dw_tile[i];
             if (channels_last)
@@ -331,7 +346,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
               at::mm_out(dw, go, cols_g.t());
           }
         });
-        if (!need_dw) continue;
+        if (!tiled_dw) continue;
         at::Tensor dw_flat = dw_tile;
         if (channels_last && taps > 1)  // (kh, kw, c) -> (c, kh, kw), the weight's order
           dw_flat = dw_tile.view({n, T, taps, Cg}).transpose(2, 3).contiguous();
