@@ -177,16 +177,19 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
   return mixed.view({n, T, Kg});
 }
 
-// Whether the forward runs through cpu/fused_mix_gemm.h: float32, NCHW, one group, an AVX-512 or
-// AVX2 CPU, and the sizes where it measured faster (see there). CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns it
-// off, =1 takes it whenever it can run (for the benchmark and the tests).
-bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts) {
+// Whether the forward (max_experts = cpu::fused_mix_gemm::kMaxExperts) or the backward
+// (cpu::fused_weight_grad::kMaxExperts) runs through the fused small-plane kernels: float32, NCHW,
+// one group, an AVX-512 or AVX2 CPU, and the sizes where they measured faster (see there).
+// CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them whenever they can run (for the
+// benchmark and the tests).
+bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts,
+                        int64_t max_experts) {
   namespace fused = cpu::fused_mix_gemm;
   if (x.scalar_type() != at::kFloat || channels_last || g.groups != 1 || !fused::available()) return false;
   const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  return g.out_h * g.out_w <= fused::kMaxPlane && g.batch >= fused::kMinBatch && experts <= fused::kMaxExperts;
+  return g.out_h * g.out_w <= fused::kMaxPlane && g.batch >= fused::kMinBatch && experts <= max_experts;
 }
 
 at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
@@ -203,7 +206,7 @@ at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at:
   at::Tensor y_rows = as_example_matrices(y, channels_last);
   const std::optional<at::Tensor> mixed_bias =
       bias ? std::optional<at::Tensor>(at::mm(routing, *bias)) : std::nullopt;
-  const bool fused = use_fused_mix_gemm(g, channels_last, x, E);
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, cpu::fused_mix_gemm::kMaxExperts);
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
     const int64_t n = std::min(tiling.chunk, g.batch - b0);
@@ -267,7 +270,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   // Small planes: the column gradients come from the fused kernel (the forward's problem with the
   // experts transposed), each written once, where the tiles below would add every tile's share.
   // The expert and routing gradients likewise fold each example's piece of dW_b as it is made.
-  const bool fused = use_fused_mix_gemm(g, channels_last, x, E);
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, cpu::fused_weight_grad::kMaxExperts);
   const bool fused_dx = mask[0] && fused, tiled_dx = mask[0] && !fused;
   const bool fused_dw = need_dw && fused, tiled_dw = need_dw && !fused;
   const Tiling tiling = plan_tiling(g, direct_input, x.element_size());

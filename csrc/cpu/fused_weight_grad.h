@@ -29,6 +29,14 @@ using fused_mix_gemm::kBlock;    // output channels per block
 using fused_mix_gemm::kKc;       // reduction rows per piece of dW_b
 using fused_mix_gemm::kMixGroup; // examples folded together
 
+// The backward takes both fused kernels (this one and the column gradients from
+// cpu/fused_mix_gemm.h) up to this many experts: folding costs 2E multiply-adds per weight and
+// example against P for the product. One-off A/B on the 2-core AMD EPYC (AVX2), float32, all
+// gradients, ms (fused / tiled): 3x3 512->512 @7x7 B = 8 E = 4 49 / 68, B = 32 E = 8 218 / 339,
+// but B = 8 E = 16 105 / 87; pointwise 2048->512 @7x7 B = 8 E = 8 29 / 32, B = 32 E = 4 70 / 124,
+// but B = 8 E = 16 61 / 37.
+constexpr int64_t kMaxExperts = 8;
+
 struct Problem {
   const float* cols;     // (B, K, P): each example's im2col columns (or x itself for a plain 1x1)
   int64_t cols_stride;   // elements between two examples' columns
