@@ -156,6 +156,25 @@ def test_fused_small_plane_backward(case, vector_isa, monkeypatch):
                 assert err <= 2e-5 * ref.abs().max().item(), (policy, mask, name, err)
 
 
+def test_fused_small_plane_backward_does_not_depend_on_threads(vector_isa, monkeypatch):
+    """dW_e is written in disjoint pieces and dr summed over the tasks in task order: the same bits
+    with one thread as with several (the tasks then split differently among them)."""
+    monkeypatch.setenv(FUSED_ENV, "1")
+    x, r, w, b = make_inputs(4, 40, 130, 5, 3, (6, 7), 1, False, dtype=torch.float32, seed=5)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, [True, True, True, False])
+    grad_out = torch.randn(4, 130, 6, 7, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = BACKWARD(grad_out, x, r, w, b, *args)
+        torch.set_num_threads(max(2, threads))
+        several = BACKWARD(grad_out, x, r, w, b, *args)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, c in zip(("x", "routing", "weight"), one, several):
+        assert torch.equal(a, c), name
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", list(DEPTHWISE), ids=list(DEPTHWISE))
 def test_depthwise_direct_kernel(case, channels_last):
