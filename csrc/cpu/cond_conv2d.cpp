@@ -265,6 +265,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
                         const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
   const int64_t E = weight.size(0), taps = g.kernel_h * g.kernel_w;
   const int64_t Cg = g.in_channels_per_group(), Kg = Cg * taps, cout_g = g.out_channels_per_group();
+  const int64_t P = g.out_h * g.out_w;
   const bool direct_input = g.is_pointwise();
   const bool need_dw = mask[1] || mask[2];
   // Small planes: the column gradients come from the fused kernel (the forward's problem with the
@@ -294,13 +295,12 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
       if (direct_input) {
         dcols = as_example_matrices(grad_x, channels_last).narrow(0, b0, n);
       } else {
-        const int64_t K = g.in_channels * taps, P = g.out_h * g.out_w;
+        const int64_t K = g.in_channels * taps;
         dcols = at::empty(channels_last ? std::vector<int64_t>{n, P, K} : std::vector<int64_t>{n, K, P},
                           x.options().memory_format(at::MemoryFormat::Contiguous));
       }
     }
     if (fused_dx) {
-      const int64_t P = g.out_h * g.out_w;
       const cpu::fused_mix_gemm::Problem problem{
           grad_out.const_data_ptr<float>() + b0 * grad_out.stride(0), grad_out.stride(0),
           weight.const_data_ptr<float>(), routing.const_data_ptr<float>() + b0 * E, nullptr,
@@ -309,7 +309,6 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
       cpu::fused_mix_gemm::run(problem);
     }
     if (fused_dw) {
-      const int64_t P = g.out_h * g.out_w;
       const cpu::fused_weight_grad::Problem problem{
           cols.const_data_ptr<float>(), cols.stride(0),
           grad_out.const_data_ptr<float>() + b0 * grad_out.stride(0), grad_out.stride(0),

@@ -65,6 +65,13 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
   }
 }
 
+// out[i * kLanes + l] = r[i] for i < n, every lane l: routing weights as the memory operands of the
+// multiply-adds that mix (mix_panels) and fold (cpu/fused_weight_grad_kernel.h).
+template <class Isa>
+inline void repeat_over_lanes(const float* r, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) std::fill_n(out + i * Isa::kLanes, Isa::kLanes, r[i]);
+}
+
 // panels[i][k][0..kBlock) = sum_e r[i][e] staged[e][k][0..kBlock) for k < kc and the N examples
 // whose routing rows start at r, each weight r[i][e] repeated over a vector's lanes (the
 // multiply-adds read them as memory operands: AVX2 has no broadcast operand, and a broadcast per
@@ -158,8 +165,7 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
     stage_experts<Isa>(pb, c0, s0, sc, staged);
     for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
       const int64_t group = std::min(kMixGroup, B - b0);
-      for (int64_t ie = 0; ie < group * pb.experts; ++ie)
-        std::fill_n(routing_lanes.data() + ie * Isa::kLanes, Isa::kLanes, pb.routing[b0 * pb.experts + ie]);
+      repeat_over_lanes<Isa>(pb.routing + b0 * pb.experts, group * pb.experts, routing_lanes.data());
       for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
         const int64_t kc = std::min(kKc, sc - k0);
         mix<Isa>(group, staged + k0 * kBlock, sc * kBlock, routing_lanes.data(), pb.experts, kc, panels);

@@ -182,8 +182,7 @@ inline void run_task(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, bool
   std::vector<float> routing_lanes(kMixGroup * E * Isa::kLanes);
   for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
     const int64_t group = std::min(kMixGroup, B - b0);
-    for (int64_t ie = 0; ie < group * E; ++ie)
-      std::fill_n(routing_lanes.data() + ie * Isa::kLanes, Isa::kLanes, pb.routing[b0 * E + ie]);
+    fused_mix_gemm::repeat_over_lanes<Isa>(pb.routing + b0 * E, group * E, routing_lanes.data());
     for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
       const int64_t kc = std::min(kKc, sc - k0);
       for (int64_t i = 0; i < group; ++i)
