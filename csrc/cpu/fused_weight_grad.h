@@ -31,10 +31,12 @@ using fused_mix_gemm::kMixGroup; // examples folded together
 
 // The backward takes both fused kernels (this one and the column gradients from
 // cpu/fused_mix_gemm.h) up to this many experts: folding costs 2E multiply-adds per weight and
-// example against P for the product. One-off A/B on the 2-core AMD EPYC (AVX2), float32, all
-// gradients, ms (fused / tiled): 3x3 512->512 @7x7 B = 8 E = 4 49 / 68, B = 32 E = 8 218 / 339,
-// but B = 8 E = 16 105 / 87; pointwise 2048->512 @7x7 B = 8 E = 8 29 / 32, B = 32 E = 4 70 / 124,
-// but B = 8 E = 16 61 / 37.
+// example against P for the product. From `python -m condkernels.bench --suite condconv --full
+// --paths --rounds 3 --filter "(ResNet-50) B=8 E=8 fwd+bwd"` and `--filter "B=8 E=32 fwd+bwd"` on
+// the 2-core AMD EPYC (AVX2), forward + backward, ms (fused=1 / fused=0, both directions): 3x3
+// 512->512 @7x7 E = 8 103 / 116, E = 32 232 / 215; pointwise 2048->512 @7x7 E = 8 45.7 / 45.9,
+// E = 32 101 / 73.9. Between them, an interleaved backward-only check at E = 16 (a one-off script,
+// not in the grid) had the tiles faster on both shapes, so the limit is 8.
 constexpr int64_t kMaxExperts = 8;
 
 struct Problem {
