@@ -398,36 +398,43 @@ def test_float32_inference_indirect_gemm(shape, which, indirect, vector_isa, mon
     assert_float32_inference(y, want, og, cfg["channels_last"])
 
 
-# float32 inference at stride 1 on larger planes reads zero-padded planes in place (padded_forward):
-# tiles of whole output rows with a short last tile, padding of every form, dilation, kernels other
-# than 3x3, few examples (tiles and channel chunks split across threads) and many (whole examples).
-PADDED_SHAPES = [  # (batch, cin, cout, hw, k, padding, dilation)
-    (1, 37, 21, 30, 3, 1, 1),
-    (3, 19, 50, 21, 3, 2, 2),
-    (5, 24, 13, 17, 3, "same", 1),
-    (2, 9, 17, 20, 2, "same", 1),
-    (1, 6, 30, 23, 5, (2, 1), 1),
-    (6, 16, 29, 19, 3, 0, 1),
-    (1, 40, 70, 14, 3, 1, 1),
+# float32 inference on larger planes reads zero-padded planes in place (padded_forward), split into
+# phases when strided: tiles of whole output rows with a short last tile, padding of every form,
+# dilation, strides (2, 3, unequal, with dilation, planes not a multiple of the stride), kernels
+# other than 3x3, few examples (tiles and channel chunks split across threads) and many (whole examples).
+PADDED_SHAPES = [  # (batch, cin, cout, hw, k, padding, dilation, stride)
+    (1, 37, 21, 30, 3, 1, 1, 1),
+    (3, 19, 50, 21, 3, 2, 2, 1),
+    (5, 24, 13, 17, 3, "same", 1, 1),
+    (2, 9, 17, 20, 2, "same", 1, 1),
+    (1, 6, 30, 23, 5, (2, 1), 1, 1),
+    (6, 16, 29, 19, 3, 0, 1, 1),
+    (1, 40, 70, 14, 3, 1, 1, 1),
+    (1, 21, 34, 29, 3, 1, 1, 2),
+    (4, 13, 18, 24, 3, 1, 1, 2),
+    (3, 10, 15, 25, 3, "same", 1, 2),
+    (1, 8, 19, 31, 5, 2, 2, 3),
+    (2, 11, 12, 27, 2, 0, 1, (2, 1)),
+    (1, 7, 23, 26, 4, (1, 2), 1, (1, 3)),
 ]
 
 
-@pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-k{}-p{}-d{}".format(*s))
+@pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "B{}-{}to{}-{}x-k{}-p{}-d{}-s{}".format(*s))
 @pytest.mark.parametrize("which", ["in", "out", "both", "none"])
 @pytest.mark.parametrize("padded", ["on", "off"])
 def test_float32_inference_padded_planes(shape, which, padded, vector_isa, monkeypatch):
-    batch, cin, cout, hw, k, padding, dilation = shape
+    batch, cin, cout, hw, k, padding, dilation, stride = shape
     monkeypatch.setenv(DENSE_ABOVE, "2")
     monkeypatch.setenv(PADDED_POSITIONS, "0" if padded == "on" else "1000000000")
     cfg = dict(batch=batch, cin=cin, cout=cout, groups=1, k=k, hw=(hw, hw), bias=True, gates="binary-0.4",
-               which=which, channels_last=batch % 2 == 0, stride=1, padding=padding, dilation=dilation)
+               which=which, channels_last=batch % 2 == 0, stride=stride, padding=padding, dilation=dilation)
     x, w, b, ig, og = make_inputs(cfg, dtype=torch.float32, seed=batch + cin + k)
     if ig is not None and batch > 2:
         ig[2] = torch.randn(cin) * (torch.rand(cin) < 0.5)  # real-valued, negative, exact zeros
     if ig is not None:
         ig[0] = 0  # example 0: every input closed: the bias alone (times out_gate)
     with torch.no_grad():
-        y = condkernels.gated_conv2d(x, w, b, ig, og, padding=padding, dilation=dilation)
+        y = condkernels.gated_conv2d(x, w, b, ig, og, stride=stride, padding=padding, dilation=dilation)
     want = oracle_for(cfg, x, w, b, ig, og)
     assert_float32_inference(y, want, og, cfg["channels_last"])
 

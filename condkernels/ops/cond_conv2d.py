@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _library  # noqa: F401  (loads the compiled ops)
+from .. import _library  # loads the compiled ops
 from .. import reference
 from ._backend import resolve_backend
 from . import _autocast, _conv_args
@@ -81,7 +81,8 @@ def cond_conv2d(
         return triton_cond_conv2d.cond_conv2d_triton(
             x, routing, weight, bias, stride2, pad4, dilation2, groups
         )
-    return torch.ops.condkernels.cond_conv2d(x, routing, weight, bias, stride2, pad4, dilation2, groups)
+    return _library.call_op(torch.ops.condkernels.cond_conv2d, x, routing, weight, bias, stride2, pad4, dilation2,
+                            groups)
 
 
 def check_args(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:

@@ -111,7 +111,7 @@ def gated_conv2d(
         with_ungated = torch.ops.condkernels._gated_conv2d_with_ungated
     if out_gate is not None and out_gate.requires_grad and torch.is_grad_enabled():
         return with_ungated(*args)[0]
-    return forward(*args)
+    return _library.call_op(forward, *args)
 
 
 def _find_triton_kernels() -> bool:

@@ -9,10 +9,10 @@
 // kept only for a single example on planes up to 7x7, which are bound by reading the weights.)
 // float32 inference (groups == 1, AVX-512 or AVX2 CPUs) runs an indirect GEMM instead
 // (cpu/indirect_gemm.h): the weight rows are read in place, so no filter is gathered or reordered
-// per example (those copies cost more than the multiply-adds on the 7x7 and 14x14 layers). At
-// stride 1 from 10x10 planes (7x7 batched) its columns are the example's zero-padded open planes
-// themselves (padded_forward); otherwise, with an in_gate on planes up to 16x16 or any gates under
-// 8x8, an im2col of the open channels (indirect_forward).
+// per example (those copies cost more than the multiply-adds on the 7x7 and 14x14 layers). From
+// 10x10 output planes (7x7 batched) its columns are the example's zero-padded open planes
+// themselves, split into phases when strided (padded_forward); otherwise, with an in_gate on
+// planes up to 16x16 or any gates under 8x8, an im2col of the open channels (indirect_forward).
 // Backward: per example, GEMMs over the open outputs only -- (open filters)^T x grad into an
 // im2col-shaped buffer folded back by col2im for the input side, and im2col(open inputs) x grad^T
 // for the weight -- with per-thread weight/bias accumulators. Examples run in parallel
@@ -609,17 +609,20 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
   }
 }
 
-// --- float32 forward on zero-padded planes (stride 1) ------------------------------------------------
+// --- float32 forward on zero-padded planes --------------------------------------------------------
 
-// Which stride-1 planes take padded_forward (float32, AVX-512 or AVX2), from `python -m
+// Which planes take padded_forward (float32, AVX-512 or AVX2), from `python -m
 // condkernels.bench --suite gated --full --paths` (`compacted padded=0|1`) on a 2-core Intel Xeon
 // (AVX-512): at batch 1 it beat the oneDNN/im2col paths on 14x14 to 56x56 planes at every density
 // (64 @ 56x56, density 0.5: 0.49-0.55 ms against 0.62-0.64; 256 @ 14x14: 0.55-0.56 against
 // 0.58-0.67) and lost on 7x7 (512 channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9
 // cost more than the im2col there); at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate,
 // density 0.25: 9.3 ms against 12.9) and tied oneDNN per example on the larger planes (within 10%
-// either way). CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge value: never; 0:
-// wherever it applies) for measurements and tests.
+// either way). Strided layers take the same limits: on the 2-core AMD EPYC (AVX2) at batch 1, half
+// the outputs open, ResNet-34's stride-2 first convolutions of layers 2 and 3 went from 1.09 and
+// 1.07 ms to 0.79 and 0.63 inside the network (the dense ones: 1.09 and 1.09; a one-off profile of
+// the models suite's ResNet34-BAS). CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge
+// value: never; 0: wherever it applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
 
@@ -629,7 +632,7 @@ bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
   const bool large_enough = env != nullptr ? positions >= std::atoll(env)
                                            : positions >= (g.batch > 1 ? kPaddedMinPositionsBatched : kPaddedMinPositions);
   return large_enough && x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
-         g.stride_h == 1 && g.stride_w == 1 && g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
+         g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
          cpu::indirect_gemm_kernel() != nullptr;
 }
 
@@ -641,25 +644,38 @@ constexpr int64_t kPaddedTilePixels = 256;
 // (output-channel chunks of a tile), which the threads claim as they go.
 constexpr int64_t kPaddedItemsPerThread = 4;
 
-// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, stride 1, NCHW contiguous x
-// and y, without im2col: the example's open input channels are copied once into zero-padded planes
-// of width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
+// y = out_gate * (conv(in_gate * x) + bias) for float32, groups == 1, NCHW contiguous x and y,
+// without im2col: the example's open input channels are copied once into zero-padded planes of
+// width wp (in_gate folded in), and output pixel (oh, ow), counted as q = oh * wp + ow along the
 // padded width, reads tap (kh, kw) of a plane at q + kh * dilation_h * wp + kw * dilation_w. So the
 // pixels of one tap are the plane itself, shifted, and the indirect GEMM reads them in place; the
 // (wp - out_w) columns past each output row are computed and dropped (2 of 58 on 56x56) as the
-// results are stored. The threads claim whole examples, or with few examples tiles of whole output
-// rows (times chunks of output channels), as they go; each writes its open channels' rows of y, and
-// zeros for closed ones.
+// results are stored. With a stride s, each padded plane is stored as its s_h * s_w phases (the
+// pixels of rows = a mod s_h and columns = b mod s_w, planes of wq = ceil(wp / s_w) columns): a tap
+// reads one phase, shifted by (kh * dilation_h) / s_h rows and (kw * dilation_w) / s_w columns, at
+// q = oh * wq + ow, so the strided layer is the same stride-1 product with a table of tap offsets.
+// The threads claim whole examples, or with few examples tiles of whole output rows (times chunks
+// of output channels), as they go; each writes its open channels' rows of y, and zeros for closed ones.
 void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* bias, const float* in_gate,
                     const float* out_gate, const ConvGeometry& g, float* y) {
   const int64_t cin = g.in_channels, cout = g.out_channels, kk = g.kernel_h * g.kernel_w;
   const int64_t positions = g.out_h * g.out_w, plane = g.in_h * g.in_w;
   const int64_t hp = g.in_h + g.pad_h_begin + g.pad_h_end, wp = g.in_w + g.pad_w_begin + g.pad_w_end;
-  // The last vector of the last tile reads up to 15 pixels past the plane's last output row.
-  const int64_t plane_stride = round_up(hp * wp + 16 + (g.kernel_w - 1) * g.dilation_w, 16);
+  const int64_t sh = g.stride_h, sw = g.stride_w, hq = (hp + sh - 1) / sh, wq = (wp + sw - 1) / sw;
+  // The last vector of the last tile reads up to 15 pixels past the phase's last output row.
+  const int64_t phase_stride = round_up(hq * wq + 16 + (g.kernel_w - 1) * g.dilation_w / sw, 16);
+  const int64_t plane_stride = sh * sw * phase_stride;
+  std::vector<int64_t> tap_offset(kk);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
+      const int64_t rh = kh * g.dilation_h, rw = kw * g.dilation_w;
+      tap_offset[kh * g.kernel_w + kw] = ((rh % sh) * sw + rw % sw) * phase_stride + rh / sh * wq + rw / sw;
+    }
+  }
+  const bool strided = sh > 1 || sw > 1;
   const int threads = at::get_num_threads();
   // Tiles of equal rows, as many as the threads can share evenly when the examples are few.
-  int64_t tiles = (g.out_h * wp + kPaddedTilePixels - 1) / kPaddedTilePixels;
+  int64_t tiles = (g.out_h * wq + kPaddedTilePixels - 1) / kPaddedTilePixels;
   if (g.batch < threads) tiles = round_up(tiles, threads / g.batch);
   const int64_t tile_rows = (g.out_h + std::min(tiles, g.out_h) - 1) / std::min(tiles, g.out_h);
   tiles = (g.out_h + tile_rows - 1) / tile_rows;
@@ -668,40 +684,52 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
 
   const OpenInputs ins(in_gate, g);
 
-  // Open channels [i0, i1) of example b into its padded planes; only pixels read from x are scaled,
-  // so the padding stays 0 even for a NaN or infinite gate.
+  // Open channels [i0, i1) of example b into their padded planes (or phases); only pixels read from
+  // x are scaled, so the padding stays 0 even for a NaN or infinite gate.
   auto pad_planes = [&](int64_t b, int64_t i0, int64_t i1, float* planes) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = ins.of(b)[i];
       const float* src = x_p + (b * cin + c) * plane;
       const float s = in_gate ? in_gate[b * cin + c] : 1.0f;
-      float* dst = planes + i * plane_stride;
-      std::fill(dst, dst + g.pad_h_begin * wp, 0.0f);
-      for (int64_t h = 0; h < g.in_h; ++h) {
-        float* row = dst + (g.pad_h_begin + h) * wp;
-        const float* in_row = src + h * g.in_w;
-        std::fill(row, row + g.pad_w_begin, 0.0f);
-        if (s == 1.0f) std::copy(in_row, in_row + g.in_w, row + g.pad_w_begin);
-        else for (int64_t w = 0; w < g.in_w; ++w) row[g.pad_w_begin + w] = in_row[w] * s;
-        std::fill(row + g.pad_w_begin + g.in_w, row + wp, 0.0f);
+      for (int64_t phase_h = 0; phase_h < sh; ++phase_h) {
+        for (int64_t phase_w = 0; phase_w < sw; ++phase_w) {
+          float* dst = planes + i * plane_stride + (phase_h * sw + phase_w) * phase_stride;
+          // Phase columns [j0, j1) hold input columns (j * sw + phase_w - pad_w_begin).
+          const int64_t first_col = phase_w - g.pad_w_begin;
+          const int64_t j0 = std::min(wq, first_col >= 0 ? 0 : (-first_col + sw - 1) / sw);
+          const int64_t j1 = std::max(j0, std::min(wq, (g.in_w - first_col + sw - 1) / sw));
+          for (int64_t r = 0; r < hq; ++r) {
+            float* row = dst + r * wq;
+            const int64_t h = r * sh + phase_h - g.pad_h_begin;
+            if (h < 0 || h >= g.in_h) {
+              std::fill(row, row + wq, 0.0f);
+              continue;
+            }
+            const float* in_row = src + h * g.in_w + first_col;
+            std::fill(row, row + j0, 0.0f);
+            if (sw == 1 && s == 1.0f) std::copy(in_row + j0, in_row + j1, row + j0);
+            else for (int64_t j = j0; j < j1; ++j) row[j] = in_row[j * sw] * s;
+            std::fill(row + j1, row + wq, 0.0f);
+          }
+          std::fill(dst + hq * wq, dst + phase_stride, 0.0f);
+        }
       }
-      std::fill(dst + (g.pad_h_begin + g.in_h) * wp, dst + plane_stride, 0.0f);
     }
   };
 
-  // The tile's pixels run along the padded width; of each 8 of them, those that are outputs
-  // (ow < out_w) are stored, packed, at their place in y. Every tile starts at an output row, so one
-  // pattern serves all (it runs to a whole 16-pixel vector past the tile).
+  // The tile's pixels run along the padded (phase) width wq; of each 8 of them, those that are
+  // outputs (ow < out_w) are stored, packed, at their place in y. Every tile starts at an output
+  // row, so one pattern serves all (it runs to a whole 16-pixel vector past the tile).
   constexpr int64_t kOctet = cpu::kCompactPixels;
-  const int64_t tile_octets = round_up(tile_rows * wp, 16) / kOctet;
+  const int64_t tile_octets = round_up(tile_rows * wq, 16) / kOctet;
   std::vector<int64_t> compact_offset(tile_octets);
   std::vector<uint8_t> compact_mask(tile_octets);
   for (int64_t j = 0; j < tile_octets; ++j) {
     const int64_t q = kOctet * j;
-    compact_offset[j] = q / wp * g.out_w + std::min(q % wp, g.out_w);
+    compact_offset[j] = q / wq * g.out_w + std::min(q % wq, g.out_w);
     uint8_t mask = 0;
     for (int64_t lane = 0; lane < kOctet; ++lane)
-      if ((q + lane) % wp < g.out_w) mask |= static_cast<uint8_t>(1u << lane);
+      if ((q + lane) % wq < g.out_w) mask |= static_cast<uint8_t>(1u << lane);
     compact_mask[j] = mask;
   }
   const cpu::IndirectGemm gemm = cpu::indirect_gemm_kernel();
@@ -718,8 +746,9 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
     out.compact_offset = compact_offset.data();
     out.compact_mask = compact_mask.data();
     const cpu::IndirectCols in{ins.chan(b), ins.count(b), g.kernel_h, g.kernel_w,
-                               planes + oh0 * wp, plane_stride, g.dilation_h * wp, g.dilation_w};
-    gemm(out, in, rows * wp);
+                               planes + oh0 * wq, plane_stride, g.dilation_h * wp, g.dilation_w,
+                               strided ? tap_offset.data() : nullptr};
+    gemm(out, in, rows * wq);
   };
 
   if (g.batch >= 2 * threads) {  // whole examples, claimed by the threads, padded in the thread's own buffer

@@ -6,9 +6,10 @@
 // w_r is one output channel's row of the (cout, cin * KH * KW) weight, chan[i] = (i-th open input
 // channel) * KH * KW, and col(i, kh, kw) the pixels tap (kh, kw) of the i-th open channel reads,
 // found at cols + i * chan_stride + kh * row_step + kw * col_step. Two layouts fill that form: an
-// example's im2col of its open channels (rows `ld` apart), and, for stride 1, the open channels'
-// zero-padded planes themselves, where the pixels of one tap are the plane shifted by the tap's
-// offset (no im2col; see gated_conv2d.cpp, padded_forward). The kernel itself is in
+// example's im2col of its open channels (rows `ld` apart), and the open channels' zero-padded
+// planes themselves, where the pixels of one tap are the plane shifted by the tap's offset (no
+// im2col; see gated_conv2d.cpp, padded_forward; with a stride, each plane is split into phases and
+// a table gives every tap its phase and shift). The kernel itself is in
 // cpu/indirect_gemm_kernel.h, compiled for AVX-512 and for AVX2 + FMA and picked at run time;
 // callers keep another path for CPUs with neither.
 #pragma once
@@ -38,13 +39,15 @@ struct IndirectRows {
 constexpr int64_t kCompactPixels = 8;
 
 // One example's columns: tap (kh, kw) of its i-th open channel reads the consecutive pixels from
-// cols + i * chan_stride + kh * row_step + kw * col_step on (entries up to 15 past the last pixel
+// cols + i * chan_stride + kh * row_step + kw * col_step on, or, where tap_offset is set, from
+// cols + i * chan_stride + tap_offset[kh * kernel_w + kw] (entries up to 15 past the last pixel
 // are read and must be finite; what they give is not stored).
 struct IndirectCols {
   const int32_t* chan;  // chan[i]: where the i-th open channel's taps start in a weight row
   int64_t n_chan, kernel_h, kernel_w;
   const float* cols;
   int64_t chan_stride, row_step, col_step;
+  const int64_t* tap_offset = nullptr;
 
   // An im2col of the open channels: row (i * kernel_h + kh) * kernel_w + kw at cols + row * ld.
   static IndirectCols im2col(const int32_t* chan, int64_t n_chan, int64_t kernel_h, int64_t kernel_w,

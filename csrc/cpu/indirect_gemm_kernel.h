@@ -36,8 +36,12 @@ constexpr int64_t kPrefetchChannels = 4;
 
 // Kernel shapes compiled with their taps unrolled: 3x3 with any steps (im2col), 3x3 whose
 // column step is one pixel (padded planes, no dilation: the taps of a row are immediate offsets,
-// which frees the registers the step arithmetic would take), anything else at run time.
-enum class Taps { kAny, k3x3, k3x3Unit };
+// which frees the registers the step arithmetic would take), 3x3 with a table of tap offsets
+// (strided padded planes); anything else at run time, by steps or by table.
+enum class Taps { kAny, k3x3, k3x3Unit, k3x3Table, kAnyTable };
+
+constexpr bool is_3x3(Taps t) { return t == Taps::k3x3 || t == Taps::k3x3Unit || t == Taps::k3x3Table; }
+constexpr bool by_table(Taps t) { return t == Taps::k3x3Table || t == Taps::kAnyTable; }
 
 // One register block: rows [r0, r0 + M) of `rows` x V pixel vectors from pixel p0.
 template <class Isa, int M, int V, Taps T>
@@ -49,9 +53,10 @@ inline void block(const IndirectRows& rows, int64_t r0, const IndirectCols& in, 
   float* const* dst = rows.dst + r0;
   const float* bias = rows.bias + r0;
   const float* scale = rows.scale + r0;
-  constexpr bool K3 = T != Taps::kAny;
+  constexpr bool K3 = is_3x3(T);
   const int64_t kernel_h = K3 ? 3 : in.kernel_h, kernel_w = K3 ? 3 : in.kernel_w;
   const int32_t* chan = in.chan;
+  const int64_t* tap_offset = in.tap_offset;
   const int64_t n_chan = in.n_chan, row_step = in.row_step;
   const int64_t col_step = T == Taps::k3x3Unit ? 1 : in.col_step;
   Vec acc[M][V];
@@ -79,7 +84,7 @@ inline void block(const IndirectRows& rows, int64_t r0, const IndirectCols& in, 
     for (int64_t kh = 0; kh < kernel_h; ++kh) {
 #pragma GCC unroll 3
       for (int64_t kw = 0; kw < kernel_w; ++kw) {
-        const float* c = c_chan + kh * row_step + kw * col_step;
+        const float* c = c_chan + (by_table(T) ? tap_offset[kh * kernel_w + kw] : kh * row_step + kw * col_step);
         Vec x[V];
         // Unaligned: a padded plane's taps are shifted by single pixels.
 #pragma GCC unroll 4
@@ -128,9 +133,17 @@ inline void row_blocks(const IndirectRows& rows, int64_t r, const IndirectCols& 
 template <class Isa, int V>
 inline void rows_any_kernel(const IndirectRows& rows, const IndirectCols& in, int64_t p0,
                             typename Isa::Mask last_mask) {
-  if (in.kernel_h == 3 && in.kernel_w == 3 && in.col_step == 1) row_blocks<Isa, V, Taps::k3x3Unit>(rows, 0, in, p0, last_mask);
-  else if (in.kernel_h == 3 && in.kernel_w == 3) row_blocks<Isa, V, Taps::k3x3>(rows, 0, in, p0, last_mask);
-  else row_blocks<Isa, V, Taps::kAny>(rows, 0, in, p0, last_mask);
+  const bool k3x3 = in.kernel_h == 3 && in.kernel_w == 3;
+  if (in.tap_offset != nullptr) {
+    if (k3x3) row_blocks<Isa, V, Taps::k3x3Table>(rows, 0, in, p0, last_mask);
+    else row_blocks<Isa, V, Taps::kAnyTable>(rows, 0, in, p0, last_mask);
+  } else if (k3x3 && in.col_step == 1) {
+    row_blocks<Isa, V, Taps::k3x3Unit>(rows, 0, in, p0, last_mask);
+  } else if (k3x3) {
+    row_blocks<Isa, V, Taps::k3x3>(rows, 0, in, p0, last_mask);
+  } else {
+    row_blocks<Isa, V, Taps::kAny>(rows, 0, in, p0, last_mask);
+  }
 }
 
 // Every row of `rows` over every pixel: the pixel vectors are split into blocks of at most
