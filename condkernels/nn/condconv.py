@@ -13,10 +13,9 @@ import math
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import cond_conv2d
+from ..ops import cond_conv2d, pooled_mlp
 from ..ops._conv_args import IntOrPair, Padding, conv_module_args, conv_module_repr
 
 ROUTER_ACTIVATIONS = ("sigmoid", "softmax")
@@ -61,10 +60,11 @@ class Router(nn.Module):
             raise ValueError(
                 f"Router: x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        h = x.mean(dim=(2, 3))
-        if self.hidden is not None:
-            h = F.relu(self.hidden(h))
-        logits = self.fc(h)
+        # GAP and the layers as one op, through their parameters (count_macs has a rule for the router).
+        if self.hidden is None:
+            logits = pooled_mlp(x, self.fc.weight, self.fc.bias)
+        else:
+            logits = pooled_mlp(x, self.hidden.weight, self.hidden.bias, self.fc.weight, self.fc.bias)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         if self.activation == "sigmoid":

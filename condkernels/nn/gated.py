@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gates import binary_concrete_gate, gate_probability
-from ..ops import gated_conv2d
+from ..ops import gated_conv2d, pooled_mlp
 from ..ops._conv_args import IntOrPair, Padding, conv_module_args, conv_module_repr
 
 
@@ -176,12 +176,12 @@ class ChannelGate(ForcedDensity, nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """``(B, gated_channels)`` gate logits of ``x``."""
-        # The layers run through their parameters, not their modules: at batch 1 the four submodule
-        # calls cost about as much as the pooling and both products (count_macs has a rule for the
-        # gate itself). BatchNorm is skipped once optimize_for_inference has folded it.
-        h = F.linear(x.mean(dim=(2, 3)), self.fc1.weight, self.fc1.bias)
-        if not isinstance(self.bn, nn.Identity):
-            h = self.bn(h)
+        # The layers run through their parameters, not their modules, and once optimize_for_inference
+        # has folded the BatchNorm, as one op with the pooling: at batch 1 the separate calls cost
+        # several times the pooling itself (count_macs has a rule for the gate).
+        if isinstance(self.bn, nn.Identity):
+            return pooled_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        h = self.bn(pooled_mlp(x, self.fc1.weight, self.fc1.bias))
         return F.linear(torch.relu(h), self.fc2.weight, self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:

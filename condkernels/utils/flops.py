@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..nn.condconv import CondConv2d
+from ..nn.condconv import CondConv2d, Router
 from ..nn.gated import ChannelGate, GatedConv2d
 
 MacRule = Callable[[nn.Module, tuple, Tensor], int]
@@ -64,6 +64,13 @@ def linear_macs(m: nn.Linear, inputs: tuple, out: Tensor) -> int:
 def channel_gate_macs(m: ChannelGate, inputs: tuple, out: Tensor) -> int:
     """Its two linear layers (it applies them through their parameters, so their own rule does not run)."""
     return out.shape[0] * (m.fc1.in_features * m.fc1.out_features + m.fc2.in_features * m.fc2.out_features)
+
+
+@register_mac_rule(Router)
+def router_macs(m: Router, inputs: tuple, out: Tensor) -> int:
+    """Its linear layers (applied through their parameters, so their own rule does not run)."""
+    layers = [m.fc] if m.hidden is None else [m.hidden, m.fc]
+    return out.shape[0] * sum(layer.in_features * layer.out_features for layer in layers)
 
 
 @register_mac_rule(CondConv2d)
