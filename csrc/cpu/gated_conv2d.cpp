@@ -685,33 +685,34 @@ void padded_forward(const at::Tensor& x, const at::Tensor& weight, const float* 
   const OpenInputs ins(in_gate, g);
 
   // Open channels [i0, i1) of example b into their padded planes (or phases); only pixels read from
-  // x are scaled, so the padding stays 0 even for a NaN or infinite gate.
+  // x are scaled, so the padding stays 0 even for a NaN or infinite gate. Each plane is zeroed as a
+  // whole, then its rows are filled.
   auto pad_planes = [&](int64_t b, int64_t i0, int64_t i1, float* planes) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c = ins.of(b)[i];
       const float* src = x_p + (b * cin + c) * plane;
       const float s = in_gate ? in_gate[b * cin + c] : 1.0f;
+      std::memset(planes + i * plane_stride, 0, plane_stride * sizeof(float));
       for (int64_t phase_h = 0; phase_h < sh; ++phase_h) {
+        // Phase rows [r0, r1) hold input rows (r * sh + phase_h - pad_h_begin), columns [j0, j1)
+        // input columns (j * sw + phase_w - pad_w_begin).
+        const int64_t first_row = phase_h - g.pad_h_begin;
+        const int64_t r0 = std::min(hq, first_row >= 0 ? 0 : (-first_row + sh - 1) / sh);
+        const int64_t r1 = std::max(r0, std::min(hq, (g.in_h - first_row + sh - 1) / sh));
         for (int64_t phase_w = 0; phase_w < sw; ++phase_w) {
           float* dst = planes + i * plane_stride + (phase_h * sw + phase_w) * phase_stride;
-          // Phase columns [j0, j1) hold input columns (j * sw + phase_w - pad_w_begin).
           const int64_t first_col = phase_w - g.pad_w_begin;
           const int64_t j0 = std::min(wq, first_col >= 0 ? 0 : (-first_col + sw - 1) / sw);
           const int64_t j1 = std::max(j0, std::min(wq, (g.in_w - first_col + sw - 1) / sw));
-          for (int64_t r = 0; r < hq; ++r) {
+          for (int64_t r = r0; r < r1; ++r) {
             float* row = dst + r * wq;
-            const int64_t h = r * sh + phase_h - g.pad_h_begin;
-            if (h < 0 || h >= g.in_h) {
-              std::fill(row, row + wq, 0.0f);
-              continue;
+            const float* in_row = src + (r * sh + first_row) * g.in_w + first_col;
+            if (sw == 1) {
+              for (int64_t j = j0; j < j1; ++j) row[j] = in_row[j] * s;
+            } else {
+              for (int64_t j = j0; j < j1; ++j) row[j] = in_row[j * sw] * s;
             }
-            const float* in_row = src + h * g.in_w + first_col;
-            std::fill(row, row + j0, 0.0f);
-            if (sw == 1 && s == 1.0f) std::copy(in_row + j0, in_row + j1, row + j0);
-            else for (int64_t j = j0; j < j1; ++j) row[j] = in_row[j * sw] * s;
-            std::fill(row + j1, row + wq, 0.0f);
           }
-          std::fill(dst + hq * wq, dst + phase_stride, 0.0f);
         }
       }
     }
