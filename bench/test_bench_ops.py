@@ -24,7 +24,7 @@ CASES = {
                            ("static", "grouped", "condkernels:cpu")),
     "condconv 3x3 fwd+bwd": (lambda: condconv.make_case(CONFIG, "c3x3", 1, 8, "fwd+bwd"),
                              ("static", "grouped", "condkernels:cpu")),
-    "gated in_gate d=0.5": (lambda: gated.inference_case(CONFIG, 128, 28, 8, "in", 0.5),
+    "gated in_gate d=0.5": (lambda: gated.inference_case(CONFIG, 128, 128, 28, 1, 8, "in", 0.5),
                             ("naive", "loop", "condkernels:cpu")),
     "batch_shaping_loss 256x4096": (lambda: batch_shaping.loss_case(CONFIG, 256, 4096),
                                     ("naive", "condkernels:cpu")),

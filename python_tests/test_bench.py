@@ -80,7 +80,7 @@ def tiny_suites(monkeypatch):
     monkeypatch.setitem(condconv.SHAPES, "tiny", ("tiny 3x3 16->16 @8x8", 16, 16, 1, 3, 8, 1, 1))
     monkeypatch.setattr(condconv, "QUICK", [("tiny", 2, 1, ("inference",)), ("tiny", 2, 4, ("inference", "fwd+bwd")),
                                             ("tiny", 2, 8, ("inference",))])
-    monkeypatch.setattr(gated, "QUICK", [(16, 8, 2, "in", (0.25, 0.5, 1.0))])
+    monkeypatch.setattr(gated, "QUICK", [(16, 16, 8, 1, 2, "in", (0.25, 0.5, 1.0)), (8, 16, 8, 2, 2, "out", (0.5,))])
     monkeypatch.setattr(gated, "QUICK_TRAINING", [(16, 8, 2, (0.5,))])
     monkeypatch.setattr(batch_shaping, "QUICK_LOSS", [(16, 32)])
     monkeypatch.setattr(batch_shaping, "CDF_VALUES", 1 << 10)
@@ -101,7 +101,7 @@ def test_tiny_run_writes_rows_csv_plots_and_report(tiny_suites, tmp_path, capsys
             assert r[field] not in (None, ""), (field, r)
         assert r["condkernels"] == condkernels.__version__ and r["device"] == "cpu"
     cases = {r["case"] for r in rows if r["suite"] in ("condconv", "gated")}
-    assert len(cases) == 3 + 1 + 3 + 1
+    assert len(cases) == 3 + 1 + 4 + 1
     timed = [r for r in rows if r["time_ms"] is not None]
     # Every competitor of the op suites was timed, and gave the op's result.
     for r in rows:

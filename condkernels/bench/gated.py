@@ -1,4 +1,6 @@
-"""gated_conv2d: the 3x3 convolutions of ResNet-18/34 blocks under per-example binary gates.
+"""gated_conv2d: the 3x3 convolutions of ResNet-18/34 blocks under per-example binary gates (the
+blocks' stride-1 convolutions, and in the full grid also the stride-2 first convolutions of
+layers 2-4).
 
 Targets: inference time that scales with the density d -- condkernels <= (1.2 d + 0.05) x the dense
 masked convolution, and never slower than the per-example slicing loop; training (forward +
@@ -28,15 +30,20 @@ DENSE_ABOVE_ENV = "CONDKERNELS_GATED_DENSE_ABOVE"
 PADDED_ENV = "CONDKERNELS_GATED_PADDED_POSITIONS"
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W)
+STRIDED = [(64, 128, 56), (128, 256, 28), (256, 512, 14)]  # (Cin, Cout, input H=W), stride 2
 DENSITIES = (0.25, 0.5, 0.75, 1.0)
-# Quick mode: (C, HW, B, gate side, densities); training: (C, HW, B, densities).
-QUICK = [(128, 28, 8, "in", DENSITIES), (512, 7, 8, "in", (0.25, 0.5)), (128, 28, 8, "out", (0.5,))]
+# Inference: (Cin, Cout, input HW, stride, B, gate side, densities); training: (C, HW, B, densities).
+QUICK = [(128, 128, 28, 1, 8, "in", DENSITIES), (512, 512, 7, 1, 8, "in", (0.25, 0.5)),
+         (128, 128, 28, 1, 8, "out", (0.5,)), (128, 256, 28, 2, 8, "out", (0.5,))]
 QUICK_TRAINING = [(128, 28, 8, (0.5,))]
 
 
 def configurations(full: bool):
     if full:
-        inference = [(c, hw, b, side, DENSITIES) for b in (1, 32) for c, hw in SHAPES for side in ("in", "out")]
+        sides = ("in", "out")
+        inference = [(c, c, hw, 1, b, side, DENSITIES) for b in (1, 32) for c, hw in SHAPES for side in sides]
+        inference += [(cin, cout, hw, 2, b, side, DENSITIES) for b in (1, 32) for cin, cout, hw in STRIDED
+                      for side in sides]
         return inference, [(c, hw, 32, DENSITIES) for c, hw in SHAPES]
     return QUICK, QUICK_TRAINING
 
@@ -65,26 +72,30 @@ def _es(cfg) -> int:
     return torch.tensor([], dtype=cfg.dtype).element_size()
 
 
-def inference_case(cfg, channels, hw, batch, side, density) -> Case:
+def inference_case(cfg, cin, cout, hw, stride, batch, side, density) -> Case:
+    """3x3, padding 1; ``hw`` is the input's height and width."""
     es = _es(cfg)
-    act, w_n = batch * channels * hw * hw, channels * channels * 9
+    out_hw = (hw - 1) // stride + 1
+    x_n, y_n, w_n = batch * cin * hw * hw, batch * cout * out_hw * out_hw, cout * cin * 9
     # Unavoidable: the open input channels read (in_gate) or all of x, y written, the weight read.
-    nbytes = es * (act * (density if side == "in" else 1.0) + act + w_n)
+    nbytes = es * (x_n * (density if side == "in" else 1.0) + y_n + w_n)
+    gated_channels = cin if side == "in" else cout
 
     def setup():
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, channels, hw, hw, generator=gen)
-        w = torch.randn(channels, channels, 3, 3, generator=gen) * (9 * channels) ** -0.5
-        gate = random_gate(batch, channels, density, gen)
+        x = torch.randn(batch, cin, hw, hw, generator=gen)
+        w = torch.randn(cout, cin, 3, 3, generator=gen) * (9 * cin) ** -0.5
+        gate = random_gate(batch, gated_channels, density, gen)
         x, w, gate = (t.to(cfg.device, cfg.dtype) for t in (x, w, gate))
         ig, og = (gate, None) if side == "in" else (None, gate)
-        return {name: no_grad_call(fn, x, w, None, ig, og, 1, 1) for name, fn in _functions(cfg).items()}
+        return {name: no_grad_call(fn, x, w, None, ig, og, stride, 1) for name, fn in _functions(cfg).items()}
 
+    shape = f"C={cin}@{hw}" if stride == 1 and cin == cout else f"C={cin}->{cout}@{hw} stride {stride}"
     return Case(
-        suite=SUITE, op=OP, name=f"{SUITE}: C={channels}@{hw} B={batch} {side}_gate d={density} inference",
+        suite=SUITE, op=OP, name=f"{SUITE}: {shape} B={batch} {side}_gate d={density} inference",
         mode="inference",
-        params=dict(channels=channels, hw=hw, batch=batch, gate=side, density=density),
-        setup=setup, macs=conv_macs(batch, channels, channels, 1, 3, hw, hw) * density, nbytes=nbytes,
+        params=dict(channels=cin, out_channels=cout, hw=hw, stride=stride, batch=batch, gate=side, density=density),
+        setup=setup, macs=conv_macs(batch, cin, cout, 1, 3, out_hw, out_hw) * density, nbytes=nbytes,
         compare=tuple(m for m in _functions(cfg) if m != STATIC), hints={LOOP: max(1.0, batch / 8)},
     )
 
@@ -128,7 +139,7 @@ def training_case(cfg, channels, hw, batch, density) -> Case:
 
 def cases(cfg) -> list[Case]:
     inference, training = configurations(cfg.full)
-    out = [inference_case(cfg, c, hw, b, side, d) for c, hw, b, side, ds in inference for d in ds]
+    out = [inference_case(cfg, cin, cout, hw, s, b, side, d) for cin, cout, hw, s, b, side, ds in inference for d in ds]
     out += [training_case(cfg, c, hw, b, d) for c, hw, b, ds in training for d in ds]
     return out
 
@@ -159,7 +170,8 @@ def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
         "Competitors: **static** = `F.conv2d` without gates; **naive** = the dense convolution times the",
         "masks (`backend=\"reference\"`, what public gated networks run); **grouped** = per-example masked",
         "kernels, batch folded into the groups; **loop** = one conv per example on its open channels only",
-        "(the batch-shaping paper's CPU method); **condkernels:&lt;backend&gt;**. 3x3, stride 1, padding 1,",
+        "(the batch-shaping paper's CPU method); **condkernels:&lt;backend&gt;**. 3x3, padding 1, stride 1",
+        "unless the row says `stride 2` (C=Cin->Cout@input size, ResNet's downsampling convolutions),",
         "per-example random binary gates with exactly `d·C` open channels. *training* = the batch-shaping",
         "block's pair (conv1 out-gated, ReLU, conv2 in-gated by the same gate), forward + backward with",
         "the gate requiring grad. *roofline* = max(MACs of the open channels / GEMM throughput, bytes /",
@@ -203,15 +215,16 @@ def plots(rows: list[dict], plt, figdir, prefix: str) -> list[tuple[str, str]]:
     groups: dict = {}
     for r in rows:
         if r["mode"] == "inference" and r.get("time_ms") is not None:
-            groups.setdefault((r["channels"], r["hw"], r["batch"], r["gate"]), []).append(r)
+            groups.setdefault((r["channels"], r["hw"], r.get("stride", 1), r["batch"], r["gate"]), []).append(r)
     sweeps = [(k, v) for k, v in groups.items() if len({r["density"] for r in v}) >= 3][:8]
     if not sweeps:
         return []
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
-    for ax, ((c, hw, b, side), sel) in zip(axes[0], sweeps):
+    for ax, ((c, hw, stride, b, side), sel) in zip(axes[0], sweeps):
         plot_time_per_method(ax, sel, "density")
         ax.set_xlabel("density d (open fraction)")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"C={c} @{hw}x{hw}, B={b}, {side}_gate", fontsize=9)
+        strided = f", stride {stride}" if stride != 1 else ""
+        ax.set_title(f"C={c} @{hw}x{hw}{strided}, B={b}, {side}_gate", fontsize=9)
     name = save_figure(fig, plt, figdir, f"{prefix}gated_time_vs_density.png")
     return [("gated_conv2d: inference time against gate density", name)]
