@@ -618,11 +618,11 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // 0.58-0.67) and lost on 7x7 (512 channels, 0.84-0.88 against 0.66-0.78: the 2 dropped columns of 9
 // cost more than the im2col there); at batch 32 it won on 7x7 and 14x14 (512 @ 7x7, output gate,
 // density 0.25: 9.3 ms against 12.9) and tied oneDNN per example on the larger planes (within 10%
-// either way). Strided layers take the same limits: on the 2-core AMD EPYC (AVX2) at batch 1, half
-// the outputs open, ResNet-34's stride-2 first convolutions of layers 2 and 3 went from 1.09 and
-// 1.07 ms to 0.79 and 0.63 inside the network (the dense ones: 1.09 and 1.09; a one-off profile of
-// the models suite's ResNet34-BAS). CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a huge
-// value: never; 0: wherever it applies) for measurements and tests.
+// either way). Strided layers take the same limits: the full grid's stride-2 rows (ResNet's
+// downsampling convolutions, `--suite gated --full --filter "stride 2"`, 2-core AMD EPYC, AVX2) met
+// the density target on 47 of 48 rows, at density 0.5 0.41-0.53x the dense convolution + masks at
+// batch 1 and 0.24-0.60x at batch 32. CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a
+// huge value: never; 0: wherever it applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
 
