@@ -620,7 +620,7 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // density 0.25: 9.3 ms against 12.9) and tied oneDNN per example on the larger planes (within 10%
 // either way). Strided layers take the same limits: the full grid's stride-2 rows (ResNet's
 // downsampling convolutions, `--suite gated --full --filter "stride 2"`, 2-core AMD EPYC, AVX2) met
-// the density target on 47 of 48 rows, at density 0.5 0.41-0.53x the dense convolution + masks at
+// the density target on 47 of 48 rows, at density 0.5 0.37-0.53x the dense convolution + masks at
 // batch 1 and 0.24-0.60x at batch 32. CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a
 // huge value: never; 0: wherever it applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
