@@ -440,6 +440,29 @@ def test_float32_inference_padded_planes(shape, which, padded, vector_isa, monke
 
 
 @pytest.mark.parametrize("kernel", ["indirect", "padded"])
+def test_float32_inference_every_open_row_count(kernel, vector_isa, monkeypatch):
+    """1 to 20 open outputs: the indirect GEMM's row blocks of every height, a short last block, and
+    the last max_rows + 1 or + 2 rows split in two; planes of one and of several pixel vectors."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
+    gen = torch.Generator().manual_seed(11)
+    cout = 20
+    w = torch.randn(cout, 6, 3, 3, generator=gen)
+    b = torch.randn(cout, generator=gen)
+    ig = torch.ones(1, 6)
+    ig[0, 2] = 0  # an in_gate: the indirect GEMM's condition on planes from 8x8
+    for hw in (3, 11):  # one pixel vector; several, split into blocks of 2 and 1 vectors
+        x = torch.randn(1, 6, hw, hw, generator=gen)
+        for open_rows in range(1, cout + 1):
+            og = torch.zeros(1, cout)
+            og[0, torch.randperm(cout, generator=gen)[:open_rows]] = 1
+            with torch.no_grad():
+                y = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+            want = oracle(x.double(), w.double(), b.double(), ig.double(), og.double(), 1, (1, 1, 1, 1), 1, 1)
+            assert_float32_inference(y, want, og, channels_last=False)
+
+
+@pytest.mark.parametrize("kernel", ["indirect", "padded"])
 def test_float32_inference_gates_stay_in_their_example(kernel, vector_isa, monkeypatch):
     """NaN and negative gates, and inf in a closed input channel, on the float32 inference paths."""
     monkeypatch.setenv(DENSE_ABOVE, "2")
