@@ -2,8 +2,9 @@
 
 The head of CondConv's :class:`~condkernels.nn.Router` and of the batch-shaping
 :class:`~condkernels.nn.ChannelGate` (after ``optimize_for_inference`` has folded its BatchNorm).
-Schema and kernel (one ATen composition for every device and dtype): ``csrc/ops/pooled_mlp.cpp``;
-tests: ``python_tests/test_pooled_mlp.py``. This module holds the public function and the autograd.
+Schema, checks and the ATen composition (every device and dtype): ``csrc/ops/pooled_mlp.cpp``;
+hand-written CPU kernel (float and double, batch under 16): ``csrc/cpu/pooled_mlp.cpp``; tests:
+``python_tests/test_pooled_mlp.py``. This module holds the public function and the autograd.
 """
 
 from __future__ import annotations
