@@ -463,6 +463,26 @@ def test_float32_inference_every_open_row_count(kernel, vector_isa, monkeypatch)
 
 
 @pytest.mark.parametrize("kernel", ["indirect", "padded"])
+def test_float32_inference_every_plane_width(kernel, vector_isa, monkeypatch):
+    """Output rows 1 to 18 pixels wide: a last pixel vector of every lane count, and on padded
+    planes every pattern of stored lanes per vector (the columns past each row are dropped)."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(9, 5, 3, 3, generator=gen)
+    b = torch.randn(9, generator=gen)
+    ig = torch.ones(2, 5)
+    ig[:, 1] = 0
+    og = (torch.rand(2, 9, generator=gen) < 0.6).float()
+    for width in range(1, 19):
+        x = torch.randn(2, 5, 3, width, generator=gen)
+        with torch.no_grad():
+            y = condkernels.gated_conv2d(x, w, b, ig, og, padding=1)
+        want = oracle(x.double(), w.double(), b.double(), ig.double(), og.double(), 1, (1, 1, 1, 1), 1, 1)
+        assert_float32_inference(y, want, og, channels_last=False)
+
+
+@pytest.mark.parametrize("kernel", ["indirect", "padded"])
 def test_float32_inference_gates_stay_in_their_example(kernel, vector_isa, monkeypatch):
     """NaN and negative gates, and inf in a closed input channel, on the float32 inference paths."""
     monkeypatch.setenv(DENSE_ABOVE, "2")
