@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _library  # loads the compiled ops
 from .. import reference
 from ._backend import resolve_backend
-from . import _autocast, _conv_args
+from . import _autocast, _autodiff, _conv_args
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "cond_conv2d"
@@ -73,16 +73,40 @@ def cond_conv2d(
     )
     check_geometry(x, weight, stride2, pad4, dilation2)
     which = resolve_backend(OP, backend, x.device)
-    if which == "reference":
-        return reference.cond_conv2d(x, routing, weight, bias, stride2, pad4, dilation2, groups)
+    conv_args = (stride2, pad4, dilation2, groups)
+    if which == "reference" or _autodiff.needs_reference(x, routing, weight, bias):
+        return reference.cond_conv2d(x, routing, weight, bias, *conv_args)
+    duals = _autodiff.split(x, routing, weight, bias)
+    if duals is None:
+        return _run(which, x, routing, weight, bias, conv_args)
+    (x, routing, weight, bias), tangents = duals
+    out = _run(which, x, routing, weight, bias, conv_args)
+    return _autodiff.join(out, _tangent(which, (x, routing, weight, bias), tangents, conv_args))
+
+
+def _run(which: str, x, routing, weight, bias, conv_args) -> Tensor:
     if which == "triton":
         from ..triton import cond_conv2d as triton_cond_conv2d
 
-        return triton_cond_conv2d.cond_conv2d_triton(
-            x, routing, weight, bias, stride2, pad4, dilation2, groups
-        )
-    return _library.call_op(torch.ops.condkernels.cond_conv2d, x, routing, weight, bias, stride2, pad4, dilation2,
-                            groups)
+        return triton_cond_conv2d.cond_conv2d_triton(x, routing, weight, bias, *conv_args)
+    return _library.call_op(torch.ops.condkernels.cond_conv2d, x, routing, weight, bias, *conv_args)
+
+
+def _tangent(which: str, primals, tangents, conv_args) -> Tensor:
+    """The op is linear in x, in routing and in (weight, bias): its tangent is one call per
+    argument that carries one."""
+    x, routing, weight, bias = primals
+    dx, drouting, dweight, dbias = tangents
+    tangent = None
+    if dx is not None:
+        tangent = _autodiff.add(tangent, _run(which, dx, routing, weight, None, conv_args))
+    if drouting is not None:
+        tangent = _autodiff.add(tangent, _run(which, x, drouting, weight, bias, conv_args))
+    if dweight is not None:
+        tangent = _autodiff.add(tangent, _run(which, x, routing, dweight, dbias, conv_args))
+    elif dbias is not None:
+        tangent = _autodiff.add(tangent, (routing @ dbias)[:, :, None, None])
+    return tangent
 
 
 def check_args(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor], groups: int) -> None:
@@ -171,6 +195,12 @@ def register_variant(forward_op: str, backward_op: str) -> None:
         mask[3] = mask[3] and bias is not None
         if not any(mask):
             return None, None, None, None, None, None, None, None
+        if _autodiff.gradient_is_differentiated(grad_out, x, routing, weight, bias):
+            grads = _autodiff.reference_gradients(
+                lambda *inputs: (reference.cond_conv2d(*inputs, *ctx.conv_args),),
+                (x, routing, weight, bias), mask, (grad_out,),
+            )
+            return (*grads, None, None, None, None)
         grad_x, grad_routing, grad_weight, grad_bias = backward(
             grad_out.contiguous(memory_format=memory_format_of(x)), x, routing, weight, bias,
             *ctx.conv_args, mask,

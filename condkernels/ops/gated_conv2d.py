@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _library
 from .. import reference
 from ._backend import resolve_backend
-from . import _autocast, _conv_args
+from . import _autocast, _autodiff, _conv_args
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "gated_conv2d"
@@ -99,9 +99,17 @@ def gated_conv2d(
     )
     check_geometry(x, weight, stride2, pad4, dilation2)
     which = _resolve(backend, x.device)
-    args = (x, weight, bias, in_gate, out_gate, stride2, pad4, dilation2, groups)
-    if which == "reference":
-        return reference.gated_conv2d(*args)
+    conv_args = (stride2, pad4, dilation2, groups)
+    if which == "reference" or _autodiff.needs_reference(x, weight, bias, in_gate, out_gate):
+        return reference.gated_conv2d(x, weight, bias, in_gate, out_gate, *conv_args)
+    duals = _autodiff.split(x, weight, bias, in_gate, out_gate)
+    if duals is None:
+        return _run(which, x, weight, bias, in_gate, out_gate, conv_args)
+    primals, tangents = duals
+    return _autodiff.join(_run(which, *primals, conv_args), _tangent(which, primals, tangents, conv_args))
+
+
+def _run(which: str, x, weight, bias, in_gate, out_gate, conv_args) -> Tensor:
     if which == "triton":
         from ..triton import gated_conv2d as triton_gated_conv2d
 
@@ -110,8 +118,29 @@ def gated_conv2d(
         forward = torch.ops.condkernels.gated_conv2d
         with_ungated = torch.ops.condkernels._gated_conv2d_with_ungated
     if out_gate is not None and out_gate.requires_grad and torch.is_grad_enabled():
-        return with_ungated(*args)[0]
-    return _library.call_op(forward, *args)
+        return with_ungated(x, weight, bias, in_gate, out_gate, *conv_args)[0]
+    return _library.call_op(forward, x, weight, bias, in_gate, out_gate, *conv_args)
+
+
+def _tangent(which: str, primals, tangents, conv_args) -> Tensor:
+    """``out_gate * (conv(in_gate * x, weight) + bias)`` is linear in x, in (weight, bias), in
+    in_gate and in out_gate: its tangent is one call per argument that carries one."""
+    x, weight, bias, in_gate, out_gate = primals
+    dx, dweight, dbias, din_gate, dout_gate = tangents
+    tangent = None
+    if dx is not None:
+        tangent = _autodiff.add(tangent, _run(which, dx, weight, None, in_gate, out_gate, conv_args))
+    if dweight is not None:
+        tangent = _autodiff.add(tangent, _run(which, x, dweight, dbias, in_gate, out_gate, conv_args))
+    elif dbias is not None:
+        gate = 1 if out_gate is None else out_gate
+        tangent = _autodiff.add(tangent, (gate * dbias)[..., None, None])
+    if din_gate is not None:
+        tangent = _autodiff.add(tangent, _run(which, x, weight, None, din_gate, out_gate, conv_args))
+    if dout_gate is not None:
+        ungated = _run(which, x, weight, bias, in_gate, None, conv_args)
+        tangent = _autodiff.add(tangent, ungated * dout_gate[:, :, None, None])
+    return tangent
 
 
 def _find_triton_kernels() -> bool:
@@ -236,6 +265,19 @@ def _as_input_grads(grads, mask) -> tuple:
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None, None)
 
 
+def _reference_gradients(ctx, mask, grad_out, grad_ungated) -> list:
+    """Differentiable gradients of the dense masked formulation, for the outputs that got one."""
+    x, weight, bias, in_gate, out_gate = ctx.saved_tensors[:5]
+
+    def outputs(x, weight, bias, in_gate, out_gate):
+        ungated = reference.gated_conv2d(x, weight, bias, in_gate, None, *ctx.conv_args)
+        return ungated * out_gate[:, :, None, None] if out_gate is not None else ungated, ungated
+
+    return _autodiff.reference_gradients(
+        outputs, (x, weight, bias, in_gate, out_gate), mask, (grad_out, grad_ungated)
+    )
+
+
 def register_variant(forward_op: str, with_ungated_op: str, backward_op: str) -> None:
     """Registers the fake kernels and autograd formulas of one compiled variant of gated_conv2d.
 
@@ -261,6 +303,8 @@ def register_variant(forward_op: str, with_ungated_op: str, backward_op: str) ->
         mask = _gradient_mask(ctx.needs_input_grad, bias, in_gate, out_gate)
         if not any(mask):
             return (None,) * 9
+        if _autodiff.gradient_is_differentiated(grad_out, *ctx.saved_tensors):
+            return _as_input_grads(_reference_gradients(ctx, mask, grad_out, None), mask)
         return _as_input_grads(call_backward(ctx, grad_out, None, mask), mask)
 
     def setup_context_with_ungated(ctx, inputs, output):
@@ -275,6 +319,8 @@ def register_variant(forward_op: str, with_ungated_op: str, backward_op: str) ->
         mask = _gradient_mask(ctx.needs_input_grad, bias, in_gate, out_gate)
         if not any(mask) or (grad_out is None and grad_ungated is None):
             return (None,) * 9
+        if _autodiff.gradient_is_differentiated(grad_out, grad_ungated, *ctx.saved_tensors):
+            return _as_input_grads(_reference_gradients(ctx, mask, grad_out, grad_ungated), mask)
         if grad_out is None:
             grad_out = torch.zeros_like(ungated)
         if grad_ungated is None:
