@@ -122,7 +122,7 @@ def test_gradient_in_parameters_raises(which):
     p = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     args = dict(a=p, b=0.4) if which == "a" else dict(a=0.6, b=p)
     y = condkernels.beta_cdf(x, **args)
-    with pytest.raises(RuntimeError, match=f"gradient with respect to {which} is not implemented"):
+    with pytest.raises(RuntimeError, match=f"derivative with respect to {which} is not implemented"):
         y.sum().backward()
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
-from . import _autocast
+from . import _autocast, _autodiff
 from ._backend import resolve_backend
 
 OP = "batch_shaping_loss"
@@ -89,11 +89,48 @@ def batch_shaping_loss(
     args = (prior, float(prior_a), float(prior_b), reduction, pdf_lo, pdf_hi, float(eps))
     if which == "reference":
         return reference.batch_shaping_loss(gates, *args)
+    if _autodiff.split(gates) is not None or _autodiff.needs_reference(gates):
+        return _LossForTransforms.apply(gates, which, args)[0]
+    return _compiled(which, gates, args)[0]
+
+
+def _compiled(which: str, gates: Tensor, args: tuple) -> tuple[Tensor, Tensor]:
+    """(loss, d loss / d gates)."""
     if which == "triton":
         from ..triton import batch_shaping_loss as _triton_ops  # noqa: F401  (registers the ops)
 
-        return torch.ops.condkernels.batch_shaping_loss_triton(gates, *args)[0]
-    return torch.ops.condkernels.batch_shaping_loss(gates, *args)[0]
+        return torch.ops.condkernels.batch_shaping_loss_triton(gates, *args)
+    return torch.ops.condkernels.batch_shaping_loss(gates, *args)
+
+
+class _LossForTransforms(torch.autograd.Function):
+    """The loss under forward-mode AD and the torch.func transforms, with the kernels' gradient:
+    its tangent is ``<d loss / d gates, d gates>``. As with the compiled ops, the gradient is the
+    paper's and is not differentiated again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gates, which, args):
+        loss, grad_gates = _compiled(which, gates, args)
+        return loss, grad_gates
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad_gates = output
+        ctx.mark_non_differentiable(grad_gates)
+        ctx.save_for_backward(grad_gates)
+        ctx.save_for_forward(grad_gates)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_grad_gates):
+        (grad_gates,) = ctx.saved_tensors
+        return grad_loss.to(grad_gates.dtype) * grad_gates, None, None
+
+    @staticmethod
+    def jvp(ctx, d_gates, _, __):
+        (grad_gates,) = ctx.saved_tensors
+        return (grad_gates * d_gates).sum(), None
 
 
 def _is_number(v) -> bool:

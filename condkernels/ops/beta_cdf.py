@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
+from . import _autodiff
 from ._backend import resolve_backend
 
 OP = "beta_cdf"
@@ -56,11 +57,64 @@ def beta_cdf(x: Tensor, a: Param, b: Param, *, backend: str = "auto") -> Tensor:
     which = resolve_backend(OP, backend, x.device)
     if which == "reference":
         return reference.beta_cdf(x, a_t, b_t)
+    if _autodiff.split(x, a_t, b_t) is not None or _autodiff.needs_reference(x, a_t, b_t):
+        return _BetaCdfForTransforms.apply(x, a_t, b_t, which)
+    return _compiled(which, x, a_t, b_t)
+
+
+def _compiled(which: str, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if which == "triton":
         from ..triton import beta_cdf as _triton_ops  # noqa: F401  (registers the ops)
 
-        return torch.ops.condkernels.beta_cdf_triton(x, a_t, b_t)
-    return torch.ops.condkernels.beta_cdf(x, a_t, b_t)
+        return torch.ops.condkernels.beta_cdf_triton(x, a, b)
+    return torch.ops.condkernels.beta_cdf(x, a, b)
+
+
+def density(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The Beta(a, b) density with beta_cdf's conventions (0 outside [0, 1], ``0 * log 0 = 0`` at
+    the end points), in ATen calls: differentiable to any order."""
+    log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    pdf = torch.exp(torch.xlogy(a - 1, x) + torch.special.xlog1py(b - 1, -x) - log_beta)
+    return torch.where((x >= 0) & (x <= 1), pdf, torch.zeros_like(pdf))
+
+
+def _reject_parameter_gradients(needs: tuple) -> None:
+    for name, needed in zip("ab", needs):
+        if needed:
+            raise RuntimeError(
+                f"{OP}: the derivative with respect to {name} is not implemented (only x is "
+                f"differentiable); pass {name} as a number or a tensor without grad or tangent"
+            )
+
+
+class _BetaCdfForTransforms(torch.autograd.Function):
+    """beta_cdf under forward-mode AD and the torch.func transforms: the value from the kernels,
+    the derivatives from the density in ATen calls (exact, and differentiable again)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, a, b, which):
+        return _compiled(which, x, a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, a, b, _ = inputs
+        ctx.save_for_backward(x, a, b)
+        ctx.save_for_forward(x, a, b)
+        ctx.set_materialize_grads(False)  # a and b without tangents get None, not zeros
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b = ctx.saved_tensors
+        _reject_parameter_gradients(ctx.needs_input_grad[1:3])
+        return (grad * density(x, a, b)).sum_to_size(x.shape), None, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, da, db, _):
+        x, a, b = ctx.saved_tensors
+        _reject_parameter_gradients((da is not None, db is not None))
+        return torch.broadcast_to(dx * density(x, a, b), torch.broadcast_shapes(x.shape, a.shape, b.shape))
 
 
 def _as_parameter(name: str, value: Param, x: Tensor) -> Tensor:
@@ -98,12 +152,9 @@ def register_variant(forward_op: str, backward_op: str) -> None:
 
     def backward_formula(ctx, grad):
         x, a, b = ctx.saved_tensors
-        for name, needed in zip("ab", ctx.needs_input_grad[1:3]):
-            if needed:
-                raise RuntimeError(
-                    f"{OP}: the gradient with respect to {name} is not implemented (only x is "
-                    f"differentiable); pass {name} as a number or a tensor that does not require grad"
-                )
+        _reject_parameter_gradients(ctx.needs_input_grad[1:3])
+        if ctx.needs_input_grad[0] and _autodiff.gradient_is_differentiated(grad, x):
+            return (grad * density(x, a, b)).sum_to_size(x.shape), None, None
         grad_x = backward(grad.contiguous(), x, a, b) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _library
+from . import _autodiff
 
 
 def pooled_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
@@ -34,7 +35,15 @@ def pooled_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[
         ``(B, out)`` (``(B, hidden)`` without ``w2``), in x's dtype. Arguments of another dtype or
         device, or of the wrong shape, raise an error that names them.
     """
+    if _autodiff.split(x, w1, b1, w2, b2) is not None or _autodiff.needs_reference(x, w1, b1, w2, b2):
+        return _composition(x, w1, b1, w2, b2)  # PyTorch's ops give forward mode and torch.func
     return _library.call_op(torch.ops.condkernels.pooled_mlp, x, w1, b1, w2, b2)
+
+
+def _composition(x, w1, b1, w2, b2) -> Tensor:
+    """The op in ATen calls (the C++ composition's math, here differentiable by PyTorch itself)."""
+    hidden = F.linear(x.mean((2, 3)), w1, b1)
+    return hidden if w2 is None else F.linear(hidden.relu(), w2, b2)
 
 
 def _setup_context(ctx, inputs, output):
