@@ -439,12 +439,17 @@ def test_float32_inference_padded_planes(shape, which, padded, vector_isa, monke
     assert_float32_inference(y, want, og, cfg["channels_last"])
 
 
-@pytest.mark.parametrize("kernel", ["indirect", "padded"])
-def test_float32_inference_every_open_row_count(kernel, vector_isa, monkeypatch):
+@pytest.fixture(params=["indirect", "padded"])
+def sparse_float32_kernel(request, monkeypatch):
+    """Forces float32 inference onto one of its sparse kernels: the indirect GEMM or the padded planes."""
+    monkeypatch.setenv(DENSE_ABOVE, "2")
+    monkeypatch.setenv(PADDED_POSITIONS, "0" if request.param == "padded" else "1000000000")
+    return request.param
+
+
+def test_float32_inference_every_open_row_count(sparse_float32_kernel, vector_isa):
     """1 to 20 open outputs: the indirect GEMM's row blocks of every height, a short last block, and
     the last max_rows + 1 or + 2 rows split in two; planes of one and of several pixel vectors."""
-    monkeypatch.setenv(DENSE_ABOVE, "2")
-    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
     gen = torch.Generator().manual_seed(11)
     cout = 20
     w = torch.randn(cout, 6, 3, 3, generator=gen)
@@ -462,12 +467,9 @@ def test_float32_inference_every_open_row_count(kernel, vector_isa, monkeypatch)
             assert_float32_inference(y, want, og, channels_last=False)
 
 
-@pytest.mark.parametrize("kernel", ["indirect", "padded"])
-def test_float32_inference_every_plane_width(kernel, vector_isa, monkeypatch):
+def test_float32_inference_every_plane_width(sparse_float32_kernel, vector_isa):
     """Output rows 1 to 18 pixels wide: a last pixel vector of every lane count, and on padded
     planes every pattern of stored lanes per vector (the columns past each row are dropped)."""
-    monkeypatch.setenv(DENSE_ABOVE, "2")
-    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
     gen = torch.Generator().manual_seed(12)
     w = torch.randn(9, 5, 3, 3, generator=gen)
     b = torch.randn(9, generator=gen)
@@ -482,11 +484,8 @@ def test_float32_inference_every_plane_width(kernel, vector_isa, monkeypatch):
         assert_float32_inference(y, want, og, channels_last=False)
 
 
-@pytest.mark.parametrize("kernel", ["indirect", "padded"])
-def test_float32_inference_gates_stay_in_their_example(kernel, vector_isa, monkeypatch):
+def test_float32_inference_gates_stay_in_their_example(sparse_float32_kernel, vector_isa):
     """NaN and negative gates, and inf in a closed input channel, on the float32 inference paths."""
-    monkeypatch.setenv(DENSE_ABOVE, "2")
-    monkeypatch.setenv(PADDED_POSITIONS, "0" if kernel == "padded" else "1000000000")
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(4, 20, 7, 7, generator=gen)
     w = torch.randn(22, 20, 3, 3, generator=gen)
