@@ -39,8 +39,8 @@ def beta_cdf(x: Tensor, a: Param, b: Param, *, backend: str = "auto") -> Tensor:
 
     Returns:
         The broadcast shape of ``x``, ``a`` and ``b``, in x's dtype. Differentiable in ``x``
-        (d/dx is the Beta(a, b) density, 0 outside [0, 1]); asking for gradients in ``a`` or ``b``
-        raises an error, they are not implemented.
+        (d/dx is the Beta(a, b) density, 0 outside [0, 1]), in forward mode and to any order too;
+        asking for derivatives in ``a`` or ``b`` raises an error, they are not implemented.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{OP}: x must be a tensor, got {type(x).__name__}")

@@ -61,7 +61,9 @@ def cond_conv2d(
 
     Returns:
         ``(B, Cout, H_out, W_out)``, in x's memory format. Differentiable in x, routing, weight
-        and bias: ``dW_e = sum_b r[b,e] dW_b`` and ``dr[b,e] = <dW_b, W_e> + <db_b, bias_e>``.
+        and bias: ``dW_e = sum_b r[b,e] dW_b`` and ``dr[b,e] = <dW_b, W_e> + <db_b, bias_e>``;
+        forward mode (jvp) runs the kernels too, second derivatives and the ``torch.func``
+        reverse transforms the reference formulation (``ops/_autodiff.py``).
         Inside ``torch.autocast`` the op runs in the region's dtype, as ``conv2d`` does (float32
         arguments are cast; their gradients come back in float32).
     """

@@ -68,7 +68,9 @@ def gated_conv2d(
     Gradients of x, weight, bias, in_gate and out_gate are exact: equal to those of the dense
     masked formulation (``backend="reference"``). When the gates are open enough (more than a
     benchmark-chosen share of the dense work), the CPU kernels run the dense convolution plus the
-    masks instead, which is faster there; results are the same.
+    masks instead, which is faster there; results are the same. Forward mode (jvp) runs the
+    kernels too; second derivatives and the ``torch.func`` reverse transforms run the reference
+    formulation (``ops/_autodiff.py``).
 
     Args:
         x: input ``(B, Cin, H, W)``; channels_last is accepted and kept.

@@ -24,7 +24,7 @@ def pooled_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[
     r"""``w2 relu(w1 mean_hw(x) + b1) + b2``, or ``w1 mean_hw(x) + b1`` without ``w2``.
 
     One dispatch where the five ATen ops it stands for each cost a Python call: at batch 1 that is
-    most of a gate's time. Differentiable in every argument.
+    most of a gate's time. Differentiable in every argument, in forward mode and to any order.
 
     Args:
         x: ``(B, C, H, W)``, floating point, any memory format.
