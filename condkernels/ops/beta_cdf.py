@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import _library  # noqa: F401  (loads the compiled ops)
 from .. import reference
-from . import _autodiff
+from . import _autodiff, _vmap
 from ._backend import resolve_backend
 
 OP = "beta_cdf"
@@ -161,6 +161,7 @@ def register_variant(forward_op: str, backward_op: str) -> None:
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
     torch.library.register_autograd(forward_op, backward_formula, setup_context=setup_context)
+    _vmap.register_elementwise(forward_op)
 
 
 register_variant("condkernels::beta_cdf", "condkernels::_beta_cdf_backward")

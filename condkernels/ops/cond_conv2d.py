@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _library  # loads the compiled ops
 from .. import reference
 from ._backend import resolve_backend
-from . import _autocast, _autodiff, _conv_args
+from . import _autocast, _autodiff, _conv_args, _vmap
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "cond_conv2d"
@@ -218,6 +218,7 @@ def register_variant(forward_op: str, backward_op: str) -> None:
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
     torch.library.register_autograd(forward_op, backward_formula, setup_context=setup_context)
+    _vmap.register_batch_folding(forward_op, per_example=(0, 1))  # x, routing
 
 
 register_variant("condkernels::cond_conv2d", "condkernels::_cond_conv2d_backward")

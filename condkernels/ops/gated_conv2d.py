@@ -22,7 +22,7 @@ from torch import Tensor
 from .. import _library
 from .. import reference
 from ._backend import resolve_backend
-from . import _autocast, _autodiff, _conv_args
+from . import _autocast, _autodiff, _conv_args, _vmap
 from ._conv_args import IntOrPair, Padding, memory_format_of, normalize_conv_args, shape_of
 
 OP = "gated_conv2d"
@@ -345,6 +345,8 @@ def register_variant(forward_op: str, with_ungated_op: str, backward_op: str) ->
     torch.library.register_autograd(
         with_ungated_op, backward_formula_with_ungated, setup_context=setup_context_with_ungated
     )
+    for op in (forward_op, with_ungated_op):
+        _vmap.register_batch_folding(op, per_example=(0, 3, 4))  # x, in_gate, out_gate
 
 
 register_variant(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _library
-from . import _autodiff
+from . import _autodiff, _vmap
 
 
 def pooled_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[Tensor] = None,
@@ -74,3 +74,4 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("condkernels::pooled_mlp", _backward, setup_context=_setup_context)
+_vmap.register_batch_folding("condkernels::pooled_mlp", per_example=(0,))  # x
