@@ -210,3 +210,30 @@ def test_pooled_mlp_forward_mode_and_second_derivatives():
         grad(squared(condkernels.pooled_mlp), argnums=argnums)(*args),
         grad(squared(pooled_mlp_composition), argnums=argnums)(*args),
     )
+
+
+# --- the networks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda: condkernels.models.cc_mobilenet_v1(width_mult=0.25, num_classes=4), id="cc_mobilenet_v1"),
+    pytest.param(lambda: condkernels.models.resnet18_bas(num_classes=4), id="resnet18_bas"),
+])
+def test_per_example_gradients_of_a_network(build):
+    """vmap(grad) over a CondConv or gated network (eval mode) gives each example's own gradient."""
+    model = build().eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=_gen())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, example):
+        return torch.func.functional_call(model, (p, buffers), (example[None],)).square().sum()
+
+    per_example = torch.vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for k in range(2):
+        expected = torch.autograd.grad(  # unused: the gates' layers, whose hard 0/1 output has no gradient
+            loss(dict(model.named_parameters()), x[k]), list(model.parameters()), allow_unused=True
+        )
+        for (name, p), want in zip(model.named_parameters(), expected):
+            want = torch.zeros_like(p) if want is None else want
+            torch.testing.assert_close(per_example[name][k], want, rtol=1e-9, atol=1e-12)
