@@ -7,6 +7,11 @@ import torch
 from . import _C  # noqa: F401  (importing the library registers torch.ops.condkernels.*)
 
 
+def overload(qualified_name: str):
+    """The default overload of ``"condkernels::<op>"``."""
+    return getattr(torch.ops.condkernels, qualified_name.split("::")[1]).default
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``condkernels::<op>`` has a compiled kernel for ``dispatch_key`` ("CPU", "CUDA")."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"condkernels::{op}", dispatch_key)

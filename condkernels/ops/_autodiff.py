@@ -8,7 +8,9 @@
 - Forward mode mixed with reverse mode (tangents on tensors that require grad, nested forward
   levels) and the ``torch.func`` reverse transforms (``grad``, ``vjp``, ``jacrev``, which refuse
   the autograd functions ``torch.library.register_autograd`` makes): the ops run their reference
-  formulation, PyTorch's own ops, where :func:`needs_reference` says so.
+  formulation, PyTorch's own ops, where :func:`needs_reference` says so. ``beta_cdf``, the
+  batch-shaping loss and ``pooled_mlp`` have such paths for every case, taken where
+  :func:`transformed` says so.
 - Derivatives of the gradient (double backward, gradient penalties): the backward kernels are
   custom ops without derivatives, so a backward formula whose result will be differentiated
   (:func:`gradient_is_differentiated`) takes it from the reference formulation
@@ -33,16 +35,31 @@ def _has_tangent(t) -> bool:
     return isinstance(t, Tensor) and fwAD.unpack_dual(t).tangent is not None
 
 
+def _any_tangent(tensors) -> bool:
+    return fwAD._current_level >= 0 and any(_has_tangent(t) for t in tensors)
+
+
+def _under_grad_transform() -> bool:
+    if peek_interpreter_stack() is None or torch.compiler.is_compiling():
+        return False
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+
+
 def needs_reference(*tensors) -> bool:
     """Whether the op must run its reference formulation for its derivatives to be right."""
-    if peek_interpreter_stack() is not None and not torch.compiler.is_compiling():
-        if any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
-            return True
-    if fwAD._current_level < 0 or not any(_has_tangent(t) for t in tensors):
+    if _under_grad_transform():
+        return True
+    if not _any_tangent(tensors):
         return False
     if eager_transforms.JVP_NESTING > 1:  # jvp of jvp: outer tangents sit below this level
         return True
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def transformed(*tensors) -> bool:
+    """Whether a tangent or a ``torch.func`` reverse transform reaches these arguments: where the
+    ops with a path PyTorch differentiates itself (an ``autograd.Function``, ATen calls) take it."""
+    return _under_grad_transform() or _any_tangent(tensors)
 
 
 def split(*args) -> Optional[tuple[list, list]]:
@@ -78,7 +95,7 @@ def gradient_is_differentiated(*tensors) -> bool:
     present = [t for t in tensors if isinstance(t, Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return True
-    return fwAD._current_level >= 0 and any(_has_tangent(t) for t in present)
+    return _any_tangent(present)
 
 
 def reference_gradients(

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .. import _library
+
 
 def _batched(d) -> bool:
     return isinstance(d, int)  # a non-tensor argument's entry is None, or a list of them
@@ -25,7 +27,7 @@ def _slice(args, in_dims, k: int) -> list:
 def register_batch_folding(qualified_name: str, per_example: Sequence[int]) -> None:
     """Registers the rule for an op whose arguments at ``per_example`` are ``(B, ...)`` tensors
     of one row per example (or None) and whose other tensors are shared by the batch."""
-    op = getattr(torch.ops.condkernels, qualified_name.split("::")[1]).default
+    op = _library.overload(qualified_name)
 
     def rule(info, in_dims, *args):
         n = info.batch_size
@@ -54,7 +56,7 @@ def register_batch_folding(qualified_name: str, per_example: Sequence[int]) -> N
 def register_elementwise(qualified_name: str) -> None:
     """Registers the rule for an op that broadcasts all its tensor arguments elementwise: each
     vmapped dimension goes in front, and each argument gets the logical rank of the widest."""
-    op = getattr(torch.ops.condkernels, qualified_name.split("::")[1]).default
+    op = _library.overload(qualified_name)
 
     def rule(info, in_dims, *args):
         tensors = [(a, d) for a, d in zip(args, in_dims) if isinstance(a, Tensor)]

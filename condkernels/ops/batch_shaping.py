@@ -89,7 +89,7 @@ def batch_shaping_loss(
     args = (prior, float(prior_a), float(prior_b), reduction, pdf_lo, pdf_hi, float(eps))
     if which == "reference":
         return reference.batch_shaping_loss(gates, *args)
-    if _autodiff.split(gates) is not None or _autodiff.needs_reference(gates):
+    if _autodiff.transformed(gates):
         return _LossForTransforms.apply(gates, which, args)[0]
     return _compiled(which, gates, args)[0]
 

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .. import _library  # noqa: F401  (loads the compiled ops)
+from .. import _library  # loads the compiled ops
 from .. import reference
 from . import _autodiff, _vmap
 from ._backend import resolve_backend
@@ -57,7 +57,7 @@ def beta_cdf(x: Tensor, a: Param, b: Param, *, backend: str = "auto") -> Tensor:
     which = resolve_backend(OP, backend, x.device)
     if which == "reference":
         return reference.beta_cdf(x, a_t, b_t)
-    if _autodiff.split(x, a_t, b_t) is not None or _autodiff.needs_reference(x, a_t, b_t):
+    if _autodiff.transformed(x, a_t, b_t):
         return _BetaCdfForTransforms.apply(x, a_t, b_t, which)
     return _compiled(which, x, a_t, b_t)
 
@@ -76,6 +76,11 @@ def density(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
     pdf = torch.exp(torch.xlogy(a - 1, x) + torch.special.xlog1py(b - 1, -x) - log_beta)
     return torch.where((x >= 0) & (x <= 1), pdf, torch.zeros_like(pdf))
+
+
+def _grad_x_from_density(grad: Tensor, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x's gradient in ATen calls, differentiable again; summed back to x's shape where it broadcast."""
+    return (grad * density(x, a, b)).sum_to_size(x.shape)
 
 
 def _reject_parameter_gradients(needs: tuple) -> None:
@@ -108,7 +113,7 @@ class _BetaCdfForTransforms(torch.autograd.Function):
     def backward(ctx, grad):
         x, a, b = ctx.saved_tensors
         _reject_parameter_gradients(ctx.needs_input_grad[1:3])
-        return (grad * density(x, a, b)).sum_to_size(x.shape), None, None, None
+        return _grad_x_from_density(grad, x, a, b), None, None, None
 
     @staticmethod
     def jvp(ctx, dx, da, db, _):
@@ -145,7 +150,7 @@ def _fake_backward(grad, x, a, b):
 def register_variant(forward_op: str, backward_op: str) -> None:
     """Registers fakes and autograd of one compiled variant (schemas as ``beta_cdf`` /
     ``_beta_cdf_backward``)."""
-    backward = getattr(torch.ops.condkernels, backward_op.split("::")[1]).default
+    backward = _library.overload(backward_op)
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -154,7 +159,7 @@ def register_variant(forward_op: str, backward_op: str) -> None:
         x, a, b = ctx.saved_tensors
         _reject_parameter_gradients(ctx.needs_input_grad[1:3])
         if ctx.needs_input_grad[0] and _autodiff.gradient_is_differentiated(grad, x):
-            return (grad * density(x, a, b)).sum_to_size(x.shape), None, None
+            return _grad_x_from_density(grad, x, a, b), None, None
         grad_x = backward(grad.contiguous(), x, a, b) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 

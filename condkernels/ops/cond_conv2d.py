@@ -81,9 +81,8 @@ def cond_conv2d(
     duals = _autodiff.split(x, routing, weight, bias)
     if duals is None:
         return _run(which, x, routing, weight, bias, conv_args)
-    (x, routing, weight, bias), tangents = duals
-    out = _run(which, x, routing, weight, bias, conv_args)
-    return _autodiff.join(out, _tangent(which, (x, routing, weight, bias), tangents, conv_args))
+    primals, tangents = duals
+    return _autodiff.join(_run(which, *primals, conv_args), _tangent(which, primals, tangents, conv_args))
 
 
 def _run(which: str, x, routing, weight, bias, conv_args) -> Tensor:
@@ -184,7 +183,7 @@ def register_variant(forward_op: str, backward_op: str) -> None:
     ``forward_op`` / ``backward_op`` are qualified names (``"condkernels::cond_conv2d"``) whose schemas
     match ``cond_conv2d`` / ``_cond_conv2d_backward``.
     """
-    backward = getattr(torch.ops.condkernels, backward_op.split("::")[1]).default
+    backward = _library.overload(backward_op)
 
     def setup_context(ctx, inputs, output):
         x, routing, weight, bias, stride, padding, dilation, groups = inputs

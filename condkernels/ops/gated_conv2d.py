@@ -286,7 +286,7 @@ def register_variant(forward_op: str, with_ungated_op: str, backward_op: str) ->
     The three arguments are qualified names (``"condkernels::gated_conv2d"``) whose schemas match
     ``gated_conv2d``, ``_gated_conv2d_with_ungated`` and ``_gated_conv2d_backward``.
     """
-    backward = getattr(torch.ops.condkernels, backward_op.split("::")[1]).default
+    backward = _library.overload(backward_op)
 
     def call_backward(ctx, grad_out, ungated, mask):
         x, weight, bias, in_gate, out_gate = ctx.saved_tensors[:5]

@@ -35,7 +35,7 @@ def pooled_mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor] = None, w2: Optional[
         ``(B, out)`` (``(B, hidden)`` without ``w2``), in x's dtype. Arguments of another dtype or
         device, or of the wrong shape, raise an error that names them.
     """
-    if _autodiff.split(x, w1, b1, w2, b2) is not None or _autodiff.needs_reference(x, w1, b1, w2, b2):
+    if _autodiff.transformed(x, w1, b1, w2, b2):
         return _composition(x, w1, b1, w2, b2)  # PyTorch's ops give forward mode and torch.func
     return _library.call_op(torch.ops.condkernels.pooled_mlp, x, w1, b1, w2, b2)
 
