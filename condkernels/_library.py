@@ -59,7 +59,9 @@ def call_op(op, *args):
     autograd key, which is what the op's Python autograd kernel (``torch.library.register_autograd``)
     does then too, after ~15 us of Python a call: a ResNet34-BAS forward at batch 1 makes 32 calls.
     While torch.compile or export traces, the op is called as it is."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # Dynamo cannot trace the inference-mode flag: the compile check comes first. Inference mode
+    # has left the autograd keys out already.
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

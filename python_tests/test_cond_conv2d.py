@@ -269,6 +269,9 @@ BAD_INPUTS = [
     ("padding must be non-negative", lambda x, r, w, b: dict(padding=-1)),
     ("backend must be one of", lambda x, r, w, b: dict(backend="mkl")),
     ("groups must be a positive int", lambda x, r, w, b: dict(groups=0)),
+    ("groups must be a positive int", lambda x, r, w, b: dict(groups=True)),
+    ("stride must be an int or a pair", lambda x, r, w, b: dict(stride=(True, 1))),
+    ("padding must be an int or a pair", lambda x, r, w, b: dict(padding=True)),
 ]
 
 
@@ -276,6 +279,7 @@ BAD_INPUTS = [
 def test_bad_input_names_the_argument(message, change):
     x, r, w, b = make_inputs(2, 4, 6, 3, 3, (6, 6), 1, True)
     kwargs = dict(x=x, routing=r, weight=w, bias=b, padding=1)
+    condkernels.cond_conv2d(**kwargs)  # a good call first: what its checks concluded is remembered
     kwargs.update(change(x, r, w, b))
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message.replace("(", r"\(").replace(")", r"\)")):
         condkernels.cond_conv2d(**kwargs)

@@ -598,6 +598,9 @@ BAD_INPUTS = [
     ("padding must be non-negative", lambda x, w, b, ig, og: dict(padding=-1)),
     ("backend must be one of", lambda x, w, b, ig, og: dict(backend="mkl")),
     ("groups must be a positive int", lambda x, w, b, ig, og: dict(groups=0)),
+    ("groups must be a positive int", lambda x, w, b, ig, og: dict(groups=True)),
+    ("stride must be an int or a pair", lambda x, w, b, ig, og: dict(stride=(True, 1))),
+    ("padding must be an int or a pair", lambda x, w, b, ig, og: dict(padding=True)),
 ]
 
 
@@ -610,6 +613,7 @@ def _small():
 def test_bad_input_names_the_argument(message, change):
     x, w, b, ig, og = _small()
     kwargs = dict(x=x, weight=w, bias=b, in_gate=ig, out_gate=og, padding=1)
+    condkernels.gated_conv2d(**kwargs)  # a good call first: what its checks concluded is remembered
     kwargs.update(change(x, w, b, ig, og))
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
         condkernels.gated_conv2d(**kwargs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -138,3 +138,60 @@ def conv_module_repr(module, extra: str = "") -> str:
     if module.bias is None:
         s += ", bias=False"
     return s
+
+
+def _plain(value) -> bool:
+    """An int, a string, or a tuple of ints: geometry arguments that key a call exactly (a bool or
+    a list would not: ``True == 1`` hashes alike, and lists do not hash)."""
+    kind = type(value)
+    if kind is int or kind is str:
+        return True
+    if kind is not tuple:
+        return False
+    for v in value:
+        if type(v) is not int:
+            return False
+    return True
+
+
+class CallPlans:
+    """What a convolution op's argument checks and normalisation concluded, per call signature.
+
+    The checks read nothing but the arguments' types, shapes, dtypes and devices, the geometry
+    arguments, ``groups`` and the backend, so a call with the same signature as one that passed
+    them (the same layer run again) reuses their outcome. At batch 1 they cost about as much as
+    the op itself (~25 us a call). Calls that cannot be keyed exactly (lists or bools for the
+    geometry, non-tensors, tracing under torch.compile or export) run the checks every time.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._plans: dict = {}
+        self._limit = limit
+
+    @staticmethod
+    def signature(tensors: tuple, *args) -> Optional[tuple]:
+        """The key of a call, or ``None`` when it cannot be keyed exactly."""
+        for a in args:
+            if not _plain(a):
+                return None
+        if torch.compiler.is_compiling():
+            return None
+        key = list(args)
+        try:
+            for t in tensors:
+                key.append(None if t is None else (type(t), t.shape, t.dtype, t.device))
+            key = tuple(key)
+            hash(key)  # symbolic sizes do not hash
+        except (AttributeError, TypeError):
+            return None
+        return key
+
+    def get(self, key: Optional[tuple]):
+        return None if key is None else self._plans.get(key)
+
+    def remember(self, key: Optional[tuple], plan) -> None:
+        if key is None:
+            return
+        if len(self._plans) >= self._limit:  # many distinct shapes: start again rather than grow
+            self._plans.clear()
+        self._plans[key] = plan

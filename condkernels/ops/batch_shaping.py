@@ -77,8 +77,7 @@ def batch_shaping_loss(
         A 0-d tensor in gates' dtype. Inside ``torch.autocast`` the loss is computed in float32,
         as PyTorch's losses are (gates cast; their gradient comes back in their dtype).
     """
-    if isinstance(gates, Tensor):
-        (gates,) = _autocast.float32(gates.device.type, gates)
+    (gates,) = _autocast.float32(gates)
     prior_a, prior_b = _check_args(gates, alpha, beta, prior, reduction, prior_params)
     pdf_lo, pdf_hi = _check_pdf_clip(pdf_clip)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < 0.5):

@@ -67,15 +67,8 @@ def cond_conv2d(
         Inside ``torch.autocast`` the op runs in the region's dtype, as ``conv2d`` does (float32
         arguments are cast; their gradients come back in float32).
     """
-    if isinstance(x, Tensor):
-        x, routing, weight, bias = _autocast.lower_precision(x.device.type, x, routing, weight, bias)
-    check_args(x, routing, weight, bias, groups)
-    stride2, pad4, dilation2 = normalize_conv_args(
-        OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation
-    )
-    check_geometry(x, weight, stride2, pad4, dilation2)
-    which = resolve_backend(OP, backend, x.device)
-    conv_args = (stride2, pad4, dilation2, groups)
+    x, routing, weight, bias = _autocast.lower_precision(x, routing, weight, bias)
+    which, conv_args = _plan(x, routing, weight, bias, stride, padding, dilation, groups, backend)
     if which == "reference" or _autodiff.needs_reference(x, routing, weight, bias):
         return reference.cond_conv2d(x, routing, weight, bias, *conv_args)
     duals = _autodiff.split(x, routing, weight, bias)
@@ -83,6 +76,25 @@ def cond_conv2d(
         return _run(which, x, routing, weight, bias, conv_args)
     primals, tangents = duals
     return _autodiff.join(_run(which, *primals, conv_args), _tangent(which, primals, tangents, conv_args))
+
+
+_PLANS = _conv_args.CallPlans()
+
+
+def _plan(x, routing, weight, bias, stride, padding, dilation, groups, backend) -> tuple:
+    """The backend that runs and the kernels' ``(stride, padding, dilation, groups)``, after every
+    argument check (remembered per call signature, see ``CallPlans``)."""
+    key = _PLANS.signature((x, routing, weight, bias), stride, padding, dilation, groups, backend)
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_args(x, routing, weight, bias, groups)
+        stride2, pad4, dilation2 = normalize_conv_args(
+            OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation
+        )
+        check_geometry(x, weight, stride2, pad4, dilation2)
+        plan = resolve_backend(OP, backend, x.device), (stride2, pad4, dilation2, groups)
+        _PLANS.remember(key, plan)
+    return plan
 
 
 def _run(which: str, x, routing, weight, bias, conv_args) -> Tensor:

@@ -91,17 +91,8 @@ def gated_conv2d(
         the region's dtype, as ``conv2d`` does (float32 arguments, gates included, are cast; their
         gradients come back in float32).
     """
-    if isinstance(x, Tensor):
-        x, weight, bias, in_gate, out_gate = _autocast.lower_precision(
-            x.device.type, x, weight, bias, in_gate, out_gate
-        )
-    check_args(x, weight, bias, in_gate, out_gate, groups)
-    stride2, pad4, dilation2 = normalize_conv_args(
-        OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation
-    )
-    check_geometry(x, weight, stride2, pad4, dilation2)
-    which = _resolve(backend, x.device)
-    conv_args = (stride2, pad4, dilation2, groups)
+    x, weight, bias, in_gate, out_gate = _autocast.lower_precision(x, weight, bias, in_gate, out_gate)
+    which, conv_args = _plan(x, weight, bias, in_gate, out_gate, stride, padding, dilation, groups, backend)
     if which == "reference" or _autodiff.needs_reference(x, weight, bias, in_gate, out_gate):
         return reference.gated_conv2d(x, weight, bias, in_gate, out_gate, *conv_args)
     duals = _autodiff.split(x, weight, bias, in_gate, out_gate)
@@ -109,6 +100,25 @@ def gated_conv2d(
         return _run(which, x, weight, bias, in_gate, out_gate, conv_args)
     primals, tangents = duals
     return _autodiff.join(_run(which, *primals, conv_args), _tangent(which, primals, tangents, conv_args))
+
+
+_PLANS = _conv_args.CallPlans()
+
+
+def _plan(x, weight, bias, in_gate, out_gate, stride, padding, dilation, groups, backend) -> tuple:
+    """The backend that runs and the kernels' ``(stride, padding, dilation, groups)``, after every
+    argument check (remembered per call signature, see ``CallPlans``)."""
+    key = _PLANS.signature((x, weight, bias, in_gate, out_gate), stride, padding, dilation, groups, backend)
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_args(x, weight, bias, in_gate, out_gate, groups)
+        stride2, pad4, dilation2 = normalize_conv_args(
+            OP, x.shape[-2:], weight.shape[-2:], stride, padding, dilation
+        )
+        check_geometry(x, weight, stride2, pad4, dilation2)
+        plan = _resolve(backend, x.device), (stride2, pad4, dilation2, groups)
+        _PLANS.remember(key, plan)
+    return plan
 
 
 def _run(which: str, x, weight, bias, in_gate, out_gate, conv_args) -> Tensor:
