@@ -17,7 +17,8 @@
 //   "mix all per-example weights, then batched GEMM"; the tile size is the only difference between the
 //   two, and it is picked from cache budgets (plan_tiling, measured by condkernels/bench/condconv.py).
 // The backward walks the same tiles: per-example weight gradients dW_b exist one tile at a time and
-// are reduced at once into dW_e = sum_b r[b,e] dW_b and dr[b,e] += <dW_b, W_e> by two GEMMs.
+// are reduced at once into dW_e = sum_b r[b,e] dW_b and dr[b,e] += <dW_b, W_e>; the dr products
+// are taken in the same pass over the experts that mixes the tile for the column gradients.
 //
 // Memory formats: NCHW and channels_last inputs both run without a copy; the output (and, in the
 // backward, grad_x) is in x's format and grad_out is expected in it too.
@@ -161,16 +162,29 @@ at::Tensor pooled(int slot, at::IntArrayRef sizes, const at::TensorOptions& opti
 }
 
 // Mixed weights of output channels [o0, o0 + T) for examples [b0, b0 + n): (n, T, Kg), with the
-// columns in the order `example_columns` uses for this layout.
+// columns in the order `example_columns` uses for this layout. Given the examples' weight gradients
+// of the tile (`dw_rows`, (n, T * Kg) in the weight's order), it also makes their routing gradient
+// over the tile, grad_routing[b0 + i, e] (+)= <dW_b, W_e>, from the same read of the experts.
 at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, const ConvGeometry& g,
-                    bool channels_last, int64_t b0, int64_t n, int64_t o0, int64_t T) {
+                    bool channels_last, int64_t b0, int64_t n, int64_t o0, int64_t T,
+                    const at::Tensor& dw_rows = at::Tensor(), at::Tensor* grad_routing = nullptr,
+                    bool accumulate_routing = false) {
   const int64_t taps = g.kernel_h * g.kernel_w, Cg = g.in_channels_per_group(), Kg = Cg * taps;
+  const int64_t E = routing.size(1);
   at::Tensor mixed = pooled(kMixedSlot, {n, T * Kg}, weight_flat.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, mixed.scalar_type(), "cond_conv2d_mix", [&] {
-    mixing::mix_columns<at::opmath_type<scalar_t>, scalar_t>(
-        routing.const_data_ptr<scalar_t>() + b0 * routing.size(1), routing.size(1), 1,
-        weight_flat.const_data_ptr<scalar_t>() + o0 * Kg, weight_flat.size(1), routing.size(1), n, T * Kg,
-        mixed.mutable_data_ptr<scalar_t>(), T * Kg, false);
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;
+    const scalar_t* w = weight_flat.const_data_ptr<scalar_t>() + o0 * Kg;
+    if (dw_rows.defined())
+      mixing::mix_and_dot_columns<acc_t, scalar_t>(r, E, 1, w, weight_flat.size(1), E, n, T * Kg,
+                                                   mixed.mutable_data_ptr<scalar_t>(), T * Kg,
+                                                   dw_rows.const_data_ptr<scalar_t>(), T * Kg,
+                                                   grad_routing->mutable_data_ptr<scalar_t>() + b0 * E,
+                                                   accumulate_routing);
+    else
+      mixing::mix_columns<acc_t, scalar_t>(r, E, 1, w, weight_flat.size(1), E, n, T * Kg,
+                                           mixed.mutable_data_ptr<scalar_t>(), T * Kg, false);
   });
   if (channels_last && taps > 1)  // (c, kh, kw) -> (kh, kw, c) to match the NHWC columns
     return mixed.view({n, T, Cg, taps}).transpose(2, 3).contiguous().view({n, T, Kg});
@@ -322,15 +336,39 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
     for (int64_t grp = 0; grp < g.groups && (tiled_dw || tiled_dx); ++grp) {
       for (int64_t t0 = 0; t0 < cout_g; t0 += tiling.tile) {
         const int64_t T = std::min(tiling.tile, cout_g - t0), o0 = grp * cout_g + t0;
-        const bool first_in_group = t0 == 0;
-        const at::Tensor mixed =
-            tiled_dx ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T) : at::Tensor();
-        // Per-example weight gradients of this tile, (n, T, Kg) in the columns' order.
-        const at::Tensor dw_tile = tiled_dw ? pooled(kWeightGradSlot, {n, T, Kg}, x.options()) : at::Tensor();
-        for_each_example(n, [&](int64_t i) {
-          const at::Tensor go = channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
-                                              : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
-          if (tiled_dx) {
+        auto grad_out_tile = [&](int64_t i) {
+          return channels_last ? go_rows[b0 + i].narrow(1, o0, T)   // (P, T)
+                               : go_rows[b0 + i].narrow(0, o0, T);  // (T, P)
+        };
+        // Per-example weight gradients of this tile, (n, T * Kg) in the weight's order.
+        at::Tensor dw_flat;
+        if (tiled_dw) {
+          const at::Tensor dw_tile = pooled(kWeightGradSlot, {n, T, Kg}, x.options());  // columns' order
+          for_each_example(n, [&](int64_t i) {
+            const at::Tensor go = grad_out_tile(i);
+            const at::Tensor cols_g = group_columns(cols[i], channels_last, grp, Kg);
+            at::Tensor dw = dw_tile[i];
+            if (channels_last)
+              at::mm_out(dw, go.t(), cols_g);
+            else
+              at::mm_out(dw, go, cols_g.t());
+          });
+          dw_flat = dw_tile;
+          if (channels_last && taps > 1)  // (kh, kw, c) -> (c, kh, kw), the weight's order
+            dw_flat = dw_tile.view({n, T, taps, Cg}).transpose(2, 3).contiguous();
+          dw_flat = dw_flat.view({n, T * Kg});
+        }
+        // The mixed weights for the column gradients and, from the same read of the experts, the
+        // routing gradient over this tile, dr[b, e] += <dW_b, W_e>.
+        const bool routing_with_mix = tiled_dx && mask[1];
+        if (tiled_dx) {
+          const at::Tensor mixed =
+              routing_with_mix ? mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T, dw_flat,
+                                          &grad_routing, !first_tile)
+                               : mix_tile(routing, weight_flat, g, channels_last, b0, n, o0, T);
+          const bool first_in_group = t0 == 0;
+          for_each_example(n, [&](int64_t i) {
+            const at::Tensor go = grad_out_tile(i);
             at::Tensor dc = group_columns(dcols[i], channels_last, grp, Kg);
             const at::Tensor a = channels_last ? go : mixed[i].t();
             const at::Tensor b = channels_last ? mixed[i] : go;
@@ -338,36 +376,26 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
               at::mm_out(dc, a, b);
             else
               dc.addmm_(a, b);
-          }
-          if (tiled_dw) {
-            const at::Tensor cols_g = group_columns(cols[i], channels_last, grp, Kg);
-            at::Tensor dw = dw_tile[i];
-            if (channels_last)
-              at::mm_out(dw, go.t(), cols_g);
-            else
-              at::mm_out(dw, go, cols_g.t());
-          }
-        });
-        if (!tiled_dw) continue;
-        at::Tensor dw_flat = dw_tile;
-        if (channels_last && taps > 1)  // (kh, kw, c) -> (c, kh, kw), the weight's order
-          dw_flat = dw_tile.view({n, T, taps, Cg}).transpose(2, 3).contiguous();
-        dw_flat = dw_flat.view({n, T * Kg});
-        // dW_e += sum_b r[b, e] dW_b and dr[b, e] += <dW_b, W_e> over this tile: GEMMs with an inner
-        // dimension of n or E, run by the mixing kernels that stream the E x tile rows once.
-        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_reduce", [&] {
-          using acc_t = at::opmath_type<scalar_t>;
-          const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;
-          if (mask[2])
-            mixing::mix_columns<acc_t, scalar_t>(r, 1, E, dw_flat.const_data_ptr<scalar_t>(), T * Kg, n, E, T * Kg,
-                                                 grad_weight.mutable_data_ptr<scalar_t>() + o0 * Kg,
-                                                 g.out_channels * Kg, b0 > 0);
-          if (mask[1])
-            mixing::dot_columns<acc_t, scalar_t>(dw_flat.const_data_ptr<scalar_t>(), T * Kg, n,
-                                                 weight.const_data_ptr<scalar_t>() + o0 * Kg, g.out_channels * Kg, E,
-                                                 T * Kg, grad_routing.mutable_data_ptr<scalar_t>() + b0 * E,
-                                                 !first_tile);
-        });
+          });
+        }
+        if (tiled_dw) {
+          // dW_e += sum_b r[b, e] dW_b (and, without the mixing above, dr[b, e] += <dW_b, W_e>) over
+          // this tile: GEMMs with an inner dimension of n or E, run by the mixing kernels that stream
+          // the E x tile rows once.
+          AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_reduce", [&] {
+            using acc_t = at::opmath_type<scalar_t>;
+            const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;
+            if (mask[2])
+              mixing::mix_columns<acc_t, scalar_t>(r, 1, E, dw_flat.const_data_ptr<scalar_t>(), T * Kg, n, E,
+                                                   T * Kg, grad_weight.mutable_data_ptr<scalar_t>() + o0 * Kg,
+                                                   g.out_channels * Kg, b0 > 0);
+            if (mask[1] && !routing_with_mix)
+              mixing::dot_columns<acc_t, scalar_t>(dw_flat.const_data_ptr<scalar_t>(), T * Kg, n,
+                                                   weight.const_data_ptr<scalar_t>() + o0 * Kg,
+                                                   g.out_channels * Kg, E, T * Kg,
+                                                   grad_routing.mutable_data_ptr<scalar_t>() + b0 * E, !first_tile);
+          });
+        }
         first_tile = false;
       }
     }

@@ -54,62 +54,113 @@ void mix_block(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, 
   }
 }
 
-// out[b, :n_cols] (=|+=) sum_e coef(b, e) * w[e, :n_cols], with coef(b, e) = coefs[b * cs0 + e * cs1]
-// (so a transposed routing is a stride swap), w rows `ld` apart and out rows `out_ld` apart.
+// Coefficients coef(b, e) = coefs[b * cs0 + e * cs1] (so a transposed routing is a stride swap) of
+// n_out rows, dense and in the accumulation type.
 template <typename A, typename T>
-void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t ld, int64_t experts,
-                 int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, bool accumulate) {
-  const int64_t n_blocks = (n_cols + kColumnBlock - 1) / kColumnBlock;
+std::vector<A> dense_coefficients(const T* coefs, int64_t cs0, int64_t cs1, int64_t n_out, int64_t experts) {
   std::vector<A> r(n_out * experts);
   for (int64_t b = 0; b < n_out; ++b)
     for (int64_t e = 0; e < experts; ++e) r[b * experts + e] = static_cast<A>(coefs[b * cs0 + e * cs1]);
-  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+  return r;
+}
+
+// Every output row of one block of columns [c0, c0 + nc), four rows per pass.
+template <typename A, typename T>
+void mix_rows(const A* r, const T* w, int64_t ld, int64_t experts, int64_t n_out, int64_t c0, int64_t nc,
+              T* out, int64_t out_ld, bool accumulate, A* acc) {
+  int64_t b = 0;
+  for (; b + 4 <= n_out; b += 4) mix_block<4>(r, w, ld, experts, b, c0, nc, out_ld, accumulate, acc, out);
+  for (; b < n_out; ++b) mix_block<1>(r, w, ld, experts, b, c0, nc, out_ld, accumulate, acc, out);
+}
+
+// part[b * experts + e] = <a[b, c0 : c0 + nc], w[e, c0 : c0 + nc]>, four rows of `a` and two
+// experts per pass.
+template <typename A, typename T>
+void dot_block(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t ld, int64_t experts, int64_t c0,
+               int64_t nc, A* part) {
+  A dots[8];
+  int64_t b = 0;
+  for (; b + 4 <= n_rows; b += 4) {
+    int64_t e = 0;
+    for (; e + 2 <= experts; e += 2) {
+      rows::dot_rows4x2(dots, a + b * a_ld + c0, a_ld, w + e * ld + c0, ld, nc);
+      for (int64_t k = 0; k < 4; ++k)
+        for (int64_t j = 0; j < 2; ++j) part[(b + k) * experts + e + j] = dots[2 * k + j];
+    }
+    for (; e < experts; ++e)
+      for (int64_t k = 0; k < 4; ++k)
+        part[(b + k) * experts + e] = rows::dot_strided(a + (b + k) * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
+  }
+  for (; b < n_rows; ++b)
+    for (int64_t e = 0; e < experts; ++e)
+      part[b * experts + e] = rows::dot_strided(a + b * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
+}
+
+// out[k] (=|+=) the sum over blocks of partial[blk * n + k], in block order (the result does not
+// depend on how the blocks were shared among threads).
+template <typename A, typename T>
+void sum_blocks(const std::vector<A>& partial, int64_t n_blocks, int64_t n, T* out, bool accumulate) {
+  for (int64_t k = 0; k < n; ++k) {
+    A s = accumulate ? static_cast<A>(out[k]) : A(0);
+    for (int64_t blk = 0; blk < n_blocks; ++blk) s += partial[blk * n + k];
+    out[k] = static_cast<T>(s);
+  }
+}
+
+inline int64_t column_blocks(int64_t n_cols) { return (n_cols + kColumnBlock - 1) / kColumnBlock; }
+
+// out[b, :n_cols] (=|+=) sum_e coef(b, e) * w[e, :n_cols] (coef as in dense_coefficients), w rows
+// `ld` apart and out rows `out_ld` apart.
+template <typename A, typename T>
+void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t ld, int64_t experts,
+                 int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, bool accumulate) {
+  const std::vector<A> r = dense_coefficients<A>(coefs, cs0, cs1, n_out, experts);
+  at::parallel_for(0, column_blocks(n_cols), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(4 * kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      int64_t b = 0;
-      for (; b + 4 <= n_out; b += 4)
-        mix_block<4>(r.data(), w, ld, experts, b, c0, nc, out_ld, accumulate, acc.data(), out);
-      for (; b < n_out; ++b) mix_block<1>(r.data(), w, ld, experts, b, c0, nc, out_ld, accumulate, acc.data(), out);
+      mix_rows(r.data(), w, ld, experts, n_out, c0, nc, out, out_ld, accumulate, acc.data());
     }
   });
 }
 
 // out[b, e] (=|+=) <a[b, :n_cols], w[e, :n_cols]> for b < n_rows, e < experts (rows `a_ld` and `ld`
-// apart, out dense (n_rows, experts)): the routing gradient of a tile, four rows of `a` and two
-// experts per pass over a block of columns.
+// apart, out dense (n_rows, experts)): the routing gradient of a tile.
 template <typename A, typename T>
 void dot_columns(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t ld, int64_t experts,
                  int64_t n_cols, T* out, bool accumulate) {
-  const int64_t n_blocks = (n_cols + kColumnBlock - 1) / kColumnBlock;
+  const int64_t n_blocks = column_blocks(n_cols);
   std::vector<A> partial(n_blocks * n_rows * experts);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      A* part = partial.data() + blk * n_rows * experts;
-      A dots[8];
-      int64_t b = 0;
-      for (; b + 4 <= n_rows; b += 4) {
-        int64_t e = 0;
-        for (; e + 2 <= experts; e += 2) {
-          rows::dot_rows4x2(dots, a + b * a_ld + c0, a_ld, w + e * ld + c0, ld, nc);
-          for (int64_t k = 0; k < 4; ++k)
-            for (int64_t j = 0; j < 2; ++j) part[(b + k) * experts + e + j] = dots[2 * k + j];
-        }
-        for (; e < experts; ++e)
-          for (int64_t k = 0; k < 4; ++k)
-            part[(b + k) * experts + e] = rows::dot_strided(a + (b + k) * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
-      }
-      for (; b < n_rows; ++b)
-        for (int64_t e = 0; e < experts; ++e)
-          part[b * experts + e] = rows::dot_strided(a + b * a_ld + c0, w + e * ld + c0, nc, int64_t{1});
+      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
     }
   });
-  for (int64_t k = 0; k < n_rows * experts; ++k) {
-    A s = accumulate ? static_cast<A>(out[k]) : A(0);
-    for (int64_t blk = 0; blk < n_blocks; ++blk) s += partial[blk * n_rows * experts + k];
-    out[k] = static_cast<T>(s);
-  }
+  sum_blocks(partial, n_blocks, n_rows * experts, out, accumulate);
+}
+
+// Both of the above over the same expert columns, as a tile of the backward needs them: the mixed
+// weights mixed[b, :] = sum_e coef(b, e) w[e, :] (for the column gradients) and the routing
+// gradient dots[b, e] (=|+=) <a[b, :], w[e, :]>, for the same n_rows examples. Each block of expert
+// columns is read from memory once and from cache the second time, where the two calls read E x
+// the tile from memory twice (at small batch the largest traffic of the backward).
+template <typename A, typename T>
+void mix_and_dot_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t ld, int64_t experts,
+                         int64_t n_rows, int64_t n_cols, T* mixed, int64_t mixed_ld, const T* a, int64_t a_ld,
+                         T* dots, bool accumulate_dots) {
+  const std::vector<A> r = dense_coefficients<A>(coefs, cs0, cs1, n_rows, experts);
+  const int64_t n_blocks = column_blocks(n_cols);
+  std::vector<A> partial(n_blocks * n_rows * experts);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(4 * kColumnBlock);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
+      mix_rows(r.data(), w, ld, experts, n_rows, c0, nc, mixed, mixed_ld, false, acc.data());
+      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
+    }
+  });
+  sum_blocks(partial, n_blocks, n_rows * experts, dots, accumulate_dots);
 }
 
 }  // namespace condkernels::mixing
