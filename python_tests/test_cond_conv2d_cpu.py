@@ -335,6 +335,17 @@ def test_large_weight_gradient_from_the_output_cache():
     assert condkernels.empty_cpu_cache() == 0
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_expert_gradient_written_past_the_caches(batch, channels_last, monkeypatch):
+    """The mix + GEMM backward writes expert gradients of 16 MB and more with streaming stores; odd
+    channel counts start the rows of every tile at every alignment (heads and tails stored plainly)."""
+    monkeypatch.setenv(FUSED_ENV, "0")
+    # float32 expert gradient: 4 x 515 x 2049 x 4 B = 16.9 MB
+    check_case(batch, 2049, 515, 4, 1, (2, 3), 1, True, (1, 1), (0, 0, 0, 0), (1, 1),
+               channels_last=channels_last, dtype=torch.float32, tol=1e-4)
+
+
 # Under torch.inference_mode the output is an inference tensor, which worker threads may not update
 # in place unless they run with the caller's state (the per-example GEMMs are ATen out= calls made
 # from at::parallel_for workers). Enough examples for the per-example threads, every path.

@@ -9,11 +9,42 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CONDKERNELS_STREAMING_STORES 1
+#endif
 
 #include "cpu/row_kernels.h"
 
 namespace condkernels::mixing {
+
+// How mixed rows reach their output: stored (kept in cache for the GEMM that reads them next),
+// added to it, or streamed past the caches. Streaming suits an output written once and not read
+// again soon, the expert gradients (E x the tile): a cached store first reads each line from memory.
+enum class Write { kStore, kAdd, kStream };
+
+// dst[i] = src[i], i < n, with non-temporal stores where there are (float on x86-64).
+template <typename A, typename T>
+void stream_row(T* dst, const A* src, int64_t n) {
+  int64_t i = 0;
+#ifdef CONDKERNELS_STREAMING_STORES
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+    for (; i < n && reinterpret_cast<uintptr_t>(dst + i) % 16 != 0; ++i) dst[i] = src[i];
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Makes a thread's streamed stores visible before it reports its work done.
+inline void finish_streaming() {
+#ifdef CONDKERNELS_STREAMING_STORES
+  _mm_sfence();
+#endif
+}
 
 // Expert columns mixed per block: long enough runs per expert row for the hardware prefetcher, and
 // E * kColumnBlock elements that stay in L2 while every example re-reads them.
@@ -37,17 +68,19 @@ void mix_into(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, i
   }
 }
 
-// Mixes rows [b0, b0 + NB) of the output over columns [c0, c0 + nc); adds to out when accumulate.
+// Mixes rows [b0, b0 + NB) of the output over columns [c0, c0 + nc).
 template <int NB, typename A, typename T>
 void mix_block(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, int64_t c0, int64_t nc,
-               int64_t out_ld, bool accumulate, A* acc, T* out) {
+               int64_t out_ld, Write write, A* acc, T* out) {
   std::fill(acc, acc + NB * kColumnBlock, A(0));
   mix_into<NB>(r, w + c0, ld, experts, b0, nc, acc);
   for (int64_t k = 0; k < NB; ++k) {
     T* dst = out + (b0 + k) * out_ld + c0;
     const A* src = acc + k * kColumnBlock;
-    if (accumulate) {
+    if (write == Write::kAdd) {
       for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(static_cast<A>(dst[i]) + src[i]);
+    } else if (write == Write::kStream) {
+      stream_row(dst, src, nc);
     } else {
       for (int64_t i = 0; i < nc; ++i) dst[i] = static_cast<T>(src[i]);
     }
@@ -67,10 +100,10 @@ std::vector<A> dense_coefficients(const T* coefs, int64_t cs0, int64_t cs1, int6
 // Every output row of one block of columns [c0, c0 + nc), four rows per pass.
 template <typename A, typename T>
 void mix_rows(const A* r, const T* w, int64_t ld, int64_t experts, int64_t n_out, int64_t c0, int64_t nc,
-              T* out, int64_t out_ld, bool accumulate, A* acc) {
+              T* out, int64_t out_ld, Write write, A* acc) {
   int64_t b = 0;
-  for (; b + 4 <= n_out; b += 4) mix_block<4>(r, w, ld, experts, b, c0, nc, out_ld, accumulate, acc, out);
-  for (; b < n_out; ++b) mix_block<1>(r, w, ld, experts, b, c0, nc, out_ld, accumulate, acc, out);
+  for (; b + 4 <= n_out; b += 4) mix_block<4>(r, w, ld, experts, b, c0, nc, out_ld, write, acc, out);
+  for (; b < n_out; ++b) mix_block<1>(r, w, ld, experts, b, c0, nc, out_ld, write, acc, out);
 }
 
 // part[b * experts + e] = <a[b, c0 : c0 + nc], w[e, c0 : c0 + nc]>, four rows of `a` and two
@@ -113,14 +146,15 @@ inline int64_t column_blocks(int64_t n_cols) { return (n_cols + kColumnBlock - 1
 // `ld` apart and out rows `out_ld` apart.
 template <typename A, typename T>
 void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t ld, int64_t experts,
-                 int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, bool accumulate) {
+                 int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, Write write) {
   const std::vector<A> r = dense_coefficients<A>(coefs, cs0, cs1, n_out, experts);
   at::parallel_for(0, column_blocks(n_cols), 1, [&](int64_t begin, int64_t end) {
     std::vector<A> acc(4 * kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      mix_rows(r.data(), w, ld, experts, n_out, c0, nc, out, out_ld, accumulate, acc.data());
+      mix_rows(r.data(), w, ld, experts, n_out, c0, nc, out, out_ld, write, acc.data());
     }
+    if (write == Write::kStream) finish_streaming();
   });
 }
 
@@ -156,7 +190,7 @@ void mix_and_dot_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, i
     std::vector<A> acc(4 * kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      mix_rows(r.data(), w, ld, experts, n_rows, c0, nc, mixed, mixed_ld, false, acc.data());
+      mix_rows(r.data(), w, ld, experts, n_rows, c0, nc, mixed, mixed_ld, Write::kStore, acc.data());
       dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
     }
   });
