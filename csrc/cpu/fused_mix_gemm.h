@@ -7,7 +7,8 @@
 // tiles of per-example weights first writes and re-reads B copies of them. Here, per block of 64
 // output channels, a piece of every expert (64 rows x a few hundred reduction rows) is read from
 // memory once and transposed once into L2 (stage_experts); from it, (32, 64) panels are mixed for
-// four examples at a time, each staged vector loaded once for the four (mix_panels); and each panel,
+// four examples at a time, each staged vector and routing weight loaded once for all the
+// multiply-adds that use it (mix_panels); and each panel,
 // in L1, meets its example's im2col columns in blocks of accumulator registers (64 channels x 5 or
 // 6 pixels with AVX-512, 16 x 5 or 6 with AVX2: multiply_block). Mixing costs E multiply-adds per
 // weight and example, against P for the product. The backward's column gradients W_b^T dy_b are the
