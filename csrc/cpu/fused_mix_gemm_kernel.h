@@ -127,19 +127,26 @@ template <class Isa, int N>
 inline void multiply_block(const float* panel, int64_t j0, int64_t kc, const float* col, int64_t P, float* acc) {
   constexpr int V = Tile<Isa>::kChannelVectors, W = Isa::kLanes;
   typename Isa::Vec c[N][V];
+#pragma GCC unroll 6
   for (int p = 0; p < N; ++p)
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) c[p][i] = Isa::load(acc + p * kBlock + j0 + W * i);
   for (int64_t k = 0; k < kc; ++k) {
     const float* w = panel + k * kBlock + j0;
     typename Isa::Vec wv[V];
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) wv[i] = Isa::load(w + W * i);
     const float* x = col + k * P;
+#pragma GCC unroll 6
     for (int p = 0; p < N; ++p) {
       const auto xp = Isa::broadcast(x[p]);
+#pragma GCC unroll 4
       for (int i = 0; i < V; ++i) c[p][i] = Isa::fmadd(wv[i], xp, c[p][i]);
     }
   }
+#pragma GCC unroll 6
   for (int p = 0; p < N; ++p)
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) Isa::store(acc + p * kBlock + j0 + W * i, c[p][i]);
 }
 

@@ -35,17 +35,26 @@ template <class Isa, int N>
 inline void product_block(const float* col, int64_t P, const float* dy_t, int64_t j0, float* piece) {
   constexpr int V = Tile<Isa>::kChannelVectors, W = Isa::kLanes;
   typename Isa::Vec c[N][V];
+  // Loops unrolled by pragma (here and in multiply_block): left to itself, GCC kept a copy of the
+  // accumulators on the stack and moved all of them through it on every call.
+#pragma GCC unroll 6
   for (int k = 0; k < N; ++k)
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) c[k][i] = Isa::zero();
   for (int64_t p = 0; p < P; ++p) {
     typename Isa::Vec g[V];
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) g[i] = Isa::load(dy_t + p * kBlock + j0 + W * i);
+#pragma GCC unroll 6
     for (int k = 0; k < N; ++k) {
       const auto xk = Isa::broadcast(col[k * P + p]);
+#pragma GCC unroll 4
       for (int i = 0; i < V; ++i) c[k][i] = Isa::fmadd(g[i], xk, c[k][i]);
     }
   }
+#pragma GCC unroll 6
   for (int k = 0; k < N; ++k)
+#pragma GCC unroll 4
     for (int i = 0; i < V; ++i) Isa::store(piece + k * kBlock + j0 + W * i, c[k][i]);
 }
 
