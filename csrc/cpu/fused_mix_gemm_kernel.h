@@ -83,7 +83,8 @@ constexpr int kMixVectors = Isa::kRegisters == 32 ? 4 : 2;
 // kKc * kBlock apart, experts expert_stride apart. Per expert, kMixVectors staged vectors and the N
 // routing weights are loaded once and meet in N x kMixVectors multiply-adds: with one vector per
 // pass, every multiply-add also loaded its routing weight, and the loads, not the multiply-adds,
-// bound the mixing (a quarter of the forward at B = 32, E = 8 on the AVX-512 Xeon).
+// bound the mixing (about a quarter of the kernel's time at B = 32, E = 8 on the Intel Xeon, in
+// one-off perf samples).
 template <class Isa, int N>
 inline void mix_panels(const float* staged, int64_t expert_stride, const float* r, int64_t experts, int64_t kc,
                        float* panels) {
