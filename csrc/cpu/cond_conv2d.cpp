@@ -78,6 +78,10 @@ TilingPolicy tiling_policy() {
 
 // im2col columns of one run of examples stay within this many bytes (they are re-read per tile).
 constexpr int64_t kColsBudgetBytes = 16 << 20;
+// The fused small-plane kernels read every expert from memory once per run of examples, so their
+// runs take a larger budget: with the one above, 3x3 512->512 @7x7 at B = 32 ran as 18 + 14
+// examples and read the E experts twice (302 MB each time at E = 32).
+constexpr int64_t kFusedColsBudgetBytes = 64 << 20;
 // A tile of mixed weights (or of per-example weight gradients) for one run of examples: about the
 // L2 of one core, so the per-example GEMMs read it from cache right after the mixing GEMM wrote it.
 constexpr int64_t kMixTileBudgetBytes = 2 << 20;
@@ -93,13 +97,14 @@ struct Tiling {
   int64_t tile;   // output channels per tile (within one group)
 };
 
-Tiling plan_tiling(const ConvGeometry& g, bool direct_input, int64_t element_size) {
+Tiling plan_tiling(const ConvGeometry& g, bool direct_input, bool fused, int64_t element_size) {
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t Kg = g.in_channels_per_group() * taps;
   const int64_t cout_g = g.out_channels_per_group();
   const int64_t cols_bytes = direct_input ? 0 : g.in_channels * taps * g.out_h * g.out_w * element_size;
-  const int64_t chunk =
-      cols_bytes == 0 ? g.batch : std::clamp<int64_t>(kColsBudgetBytes / cols_bytes, 1, g.batch);
+  const int64_t budget = fused ? kFusedColsBudgetBytes : kColsBudgetBytes;
+  const int64_t chunk = cols_bytes == 0 ? g.batch : std::clamp<int64_t>(budget / cols_bytes, 1, g.batch);
+  if (fused) return {chunk, cout_g};  // the fused kernels tile the channels themselves
   const TilingPolicy policy = tiling_policy();
   if (policy == TilingPolicy::Whole) return {chunk, cout_g};
   if (policy == TilingPolicy::Auto && chunk > 1 && chunk * g.out_channels * Kg * element_size <= kWholeBudgetBytes)
@@ -191,19 +196,23 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
   return mixed.view({n, T, Kg});
 }
 
-// Whether the forward (max_experts = cpu::fused_mix_gemm::kMaxExperts) or the backward
-// (cpu::fused_weight_grad::kMaxExperts) runs through the fused small-plane kernels: float32, NCHW,
-// one group, an AVX-512 or AVX2 CPU, and the sizes where they measured faster (see there).
-// CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them whenever they can run (for the
-// benchmark and the tests).
-bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts,
-                        int64_t max_experts) {
+// Whether the forward or the backward runs through the fused small-plane kernels: float32, NCHW,
+// one group, an AVX-512 or AVX2 CPU, and the sizes where they measured faster (cpu/fused_mix_gemm.h,
+// cpu/fused_weight_grad.h). The forward takes them past kMaxExperts once the batch is as large as
+// the number of experts, sharing their staging among as many examples; the backward's weight gradient
+// measured no faster there. CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them
+// whenever they can run (for the benchmark and the tests).
+enum class Pass { kForward, kBackward };
+
+bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass) {
   namespace fused = cpu::fused_mix_gemm;
   if (x.scalar_type() != at::kFloat || channels_last || g.groups != 1 || !fused::available()) return false;
   const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  return g.out_h * g.out_w <= fused::kMaxPlane && g.batch >= fused::kMinBatch && experts <= max_experts;
+  if (g.out_h * g.out_w > fused::kMaxPlane || g.batch < fused::kMinBatch) return false;
+  if (pass == Pass::kBackward) return experts <= cpu::fused_weight_grad::kMaxExperts;
+  return experts <= fused::kMaxExperts || g.batch >= experts;
 }
 
 at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
@@ -213,14 +222,14 @@ at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at:
   const int64_t Kg = g.in_channels_per_group() * taps, cout_g = g.out_channels_per_group();
   const int64_t P = g.out_h * g.out_w;
   const bool direct_input = g.is_pointwise();
-  const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, Pass::kForward);
+  const Tiling tiling = plan_tiling(g, direct_input, fused, x.element_size());
   const at::Tensor weight_flat = weight.view({E, -1});
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
                            x.options().memory_format(format_of(channels_last)));
   at::Tensor y_rows = as_example_matrices(y, channels_last);
   const std::optional<at::Tensor> mixed_bias =
       bias ? std::optional<at::Tensor>(at::mm(routing, *bias)) : std::nullopt;
-  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, cpu::fused_mix_gemm::kMaxExperts);
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
     const int64_t n = std::min(tiling.chunk, g.batch - b0);
@@ -292,10 +301,10 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   // Small planes: the column gradients come from the fused kernel (the forward's problem with the
   // experts transposed), each written once, where the tiles below would add every tile's share.
   // The expert and routing gradients likewise fold each example's piece of dW_b as it is made.
-  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, cpu::fused_weight_grad::kMaxExperts);
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, Pass::kBackward);
   const bool fused_dx = mask[0] && fused, tiled_dx = mask[0] && !fused;
   const bool fused_dw = need_dw && fused, tiled_dw = need_dw && !fused;
-  const Tiling tiling = plan_tiling(g, direct_input, x.element_size());
+  const Tiling tiling = plan_tiling(g, direct_input, fused, x.element_size());
   const at::Tensor weight_flat = weight.view({E, -1});
   const at::Tensor go_rows = as_example_matrices(grad_out, channels_last);
   auto empty = [&] { return x.new_empty({0}); };

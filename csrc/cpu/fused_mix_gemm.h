@@ -40,14 +40,17 @@ inline int64_t staged_rows(int64_t experts) {
 }
 
 // When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to kMaxPlane
-// output pixels, at least kMinBatch examples, at most kMaxExperts experts. From
+// output pixels, at least kMinBatch examples, and at most kMaxExperts experts or at least as many
+// examples as experts. From
 // `python -m condkernels.bench --suite condconv --full --paths --threads 1 --rounds 3 --filter ...`
 // on the 2-core Intel Xeon (AVX-512), float32 inference, ms (fused=1 / fused=0): 3x3 512->512
 // @7x7, E = 8: B = 8 31.8 / 35.8, B = 32 97.4 / 145, but B = 1 7.82 / 6.19 (one example cannot
-// share the staged experts); B = 8, E = 4 25.6 / 35.6, but E = 32 75.2 / 63.7 (mixing, E
-// multiply-adds per weight and example, outgrows the product's P; E = 16, between them, is not in
-// the grid); pointwise 2048->512 @7x7 B = 8 E = 8 11.2 / 25.4; and pointwise 512->512 @14x14
-// (P = 196) B = 8 E = 8 8.27 / 7.31, where MKL's GEMMs are wide enough.
+// share the staged experts); B = 8, E = 4 25.6 / 35.6, but E = 32 75.2 / 63.7 (staging, a read of
+// all 32 experts per run at about 7 GB/s on one core, took 40% of the time in one-off perf samples);
+// pointwise 2048->512 @7x7 B = 8 E = 8 11.2 / 25.4; and pointwise 512->512 @14x14 (P = 196) B = 8
+// E = 8 8.27 / 7.31, where MKL's GEMMs are wide enough. With as many examples as experts the staging
+// is shared enough: B = 32, E = 32 (2 threads, --filter "@7x7 (ResNet-50) B=32 E=32"): 3x3 122 /
+// 206, pointwise 2048->512 63.0 / 95.1.
 constexpr int64_t kMaxPlane = 64;
 constexpr int64_t kMinBatch = 2;
 constexpr int64_t kMaxExperts = 16;
