@@ -345,7 +345,8 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
           weight.const_data_ptr<float>(), routing.const_data_ptr<float>() + b0 * E,
           mask[2] ? grad_weight.mutable_data_ptr<float>() : nullptr,
           mask[1] ? grad_routing.mutable_data_ptr<float>() + b0 * E : nullptr,
-          /*accumulate=*/b0 > 0, n, E, g.out_channels, Kg, P};
+          /*accumulate=*/b0 > 0, /*stream=*/b0 == 0 && grad_weight.nbytes() >= kStreamedGradientBytes, n, E,
+          g.out_channels, Kg, P};
       cpu::fused_weight_grad::run(problem);
     }
     bool first_tile = true;

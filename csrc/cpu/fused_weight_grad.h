@@ -49,6 +49,7 @@ struct Problem {
   float* grad_weight;    // (E, Cout, K) or null: written, or added to when accumulate
   float* grad_routing;   // (B, E) or null: written
   bool accumulate;
+  bool stream;           // written past the caches (not when accumulate): see cpu/cond_conv2d.cpp
   int64_t batch, experts, out_channels, reduction, pixels;
 };
 

@@ -124,7 +124,9 @@ inline void fold(const float* pieces, int64_t kc, const float* staged, float* gr
 
 // grad_weight[e][c0 + j][s0 + k] (=|+=) grad[e][k][j] for the valid channels: the staging of
 // cpu/fused_mix_gemm_kernel.h in reverse, W x W blocks transposed in registers, each channel's row
-// written a whole 64-byte line (16 floats) at a time.
+// written a whole 64-byte line (16 floats) at a time: streamed from the registers where asked and
+// aligned (a cached store first reads the line from memory, and these lines, 16 floats of rows K
+// apart, were the slowest part of the task), else through a buffer.
 template <class Isa>
 inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, const float* grad) {
   constexpr int W = Isa::kLanes, kLine = 16, kParts = kLine / W;
@@ -147,6 +149,10 @@ inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, co
         }
         for (int j = 0; j < channels; ++j) {
           float* dst = pb.grad_weight + e * expert_stride + (c0 + j0 + j) * K + s0 + kk;
+          if (pb.stream && width == kLine && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+            for (int part = 0; part < kParts; ++part) Isa::stream(dst + part * W, rows[part][j]);
+            continue;
+          }
           for (int part = 0; part < kParts; ++part) Isa::store(line + part * W, rows[part][j]);
           if (pb.accumulate)
             for (int k = 0; k < width; ++k) dst[k] += line[k];
@@ -156,6 +162,7 @@ inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, co
       }
     }
   }
+  if (pb.stream) _mm_sfence();  // the streamed lines visible before the task reports done
 }
 
 template <class Isa>
