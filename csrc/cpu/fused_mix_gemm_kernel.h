@@ -30,10 +30,15 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
   constexpr int W = Isa::kLanes;
   const int64_t K = pb.reduction, expert_stride = pb.out_channels * K;
   if (pb.weight_transposed) {
+    constexpr int64_t kRowsAhead = 8;
     const int64_t valid = std::min(kBlock, pb.out_channels - c0);
     for (int64_t e = 0; e < pb.experts; ++e) {
       for (int64_t k = 0; k < kc; ++k) {
         const float* src = pb.weight + e * expert_stride + (k0 + k) * pb.out_channels + c0;
+        // The rows, each a short run Cout floats from the next, are latency-bound without help.
+        if (k + kRowsAhead < kc)
+          for (int64_t j = 0; j < valid; j += 16)
+            _mm_prefetch(reinterpret_cast<const char*>(src + kRowsAhead * pb.out_channels + j), _MM_HINT_T0);
         float* out = staged + (e * kc + k) * kBlock;
         std::copy_n(src, valid, out);
         std::fill(out + valid, out + kBlock, 0.0f);

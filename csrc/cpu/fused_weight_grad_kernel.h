@@ -102,14 +102,17 @@ inline void fold(const float* pieces, int64_t kc, const float* staged, float* gr
   for (int64_t e = 0; e < experts; ++e) {
     const float* w = staged + e * expert_stride;
     float* g = grad + e * expert_stride;
-    typename Isa::Vec d[N];
+    typename Isa::Vec d[N], re[N];
     for (int i = 0; i < N; ++i) d[i] = Isa::zero();
+    // Loaded once per expert: read in the loop, each would be loaded again after every store to g,
+    // which the compiler cannot tell apart from them.
+    for (int i = 0; i < N; ++i) re[i] = Isa::loadu(r + (i * experts + e) * Isa::kLanes);
     for (int64_t v = 0; v < n; v += Isa::kLanes) {
       typename Isa::Vec x[N];
       for (int i = 0; i < N; ++i) x[i] = Isa::load(pieces + i * kKc * kBlock + v);
       if (want_dw) {
         auto acc = Isa::load(g + v);
-        for (int i = 0; i < N; ++i) acc = Isa::fmadd(x[i], Isa::loadu(r + (i * experts + e) * Isa::kLanes), acc);
+        for (int i = 0; i < N; ++i) acc = Isa::fmadd(x[i], re[i], acc);
         Isa::store(g + v, acc);
       }
       if (want_dr) {
