@@ -198,10 +198,10 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
 
 // Whether the forward or the backward runs through the fused small-plane kernels: float32, NCHW,
 // one group, an AVX-512 or AVX2 CPU, and the sizes where they measured faster (cpu/fused_mix_gemm.h,
-// cpu/fused_weight_grad.h). The forward takes them past kMaxExperts once the batch is as large as
-// the number of experts, sharing their staging among as many examples; the backward's weight gradient
-// measured no faster there. CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them
-// whenever they can run (for the benchmark and the tests).
+// cpu/fused_weight_grad.h). Both take them past their kMaxExperts once the batch is as large as the
+// number of experts, sharing the staging of the experts among as many examples.
+// CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them whenever they can run (for the
+// benchmark and the tests).
 enum class Pass { kForward, kBackward };
 
 bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass) {
@@ -211,8 +211,8 @@ bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
   if (g.out_h * g.out_w > fused::kMaxPlane || g.batch < fused::kMinBatch) return false;
-  if (pass == Pass::kBackward) return experts <= cpu::fused_weight_grad::kMaxExperts;
-  return experts <= fused::kMaxExperts || g.batch >= experts;
+  const int64_t max_experts = pass == Pass::kForward ? fused::kMaxExperts : cpu::fused_weight_grad::kMaxExperts;
+  return experts <= max_experts || g.batch >= experts;
 }
 
 at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,

@@ -36,7 +36,10 @@ using fused_mix_gemm::kMixGroup; // examples folded together
 // the 2-core AMD EPYC (AVX2), forward + backward, ms (fused=1 / fused=0, both directions): 3x3
 // 512->512 @7x7 E = 8 103 / 116, E = 32 232 / 215; pointwise 2048->512 @7x7 E = 8 45.7 / 45.9,
 // E = 32 101 / 73.9. Between them, an interleaved backward-only check at E = 16 (a one-off script,
-// not in the grid) had the tiles faster on both shapes, so the limit is 8.
+// not in the grid) had the tiles faster on both shapes, so the limit is 8. Past it, the backward
+// still takes them once B >= E (use_fused_mix_gemm), as the forward does: with dW_e streamed,
+// `--paths --rounds 3 --filter "(ResNet-50) B=32 E=32 fwd+bwd"` on the 2-core Intel Xeon, fused=1 /
+// fused=0: 3x3 512->512 @7x7 372 / 430, pointwise 2048->512 @7x7 162 / 209.
 constexpr int64_t kMaxExperts = 8;
 
 struct Problem {
