@@ -319,6 +319,10 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   for (int64_t b0 = 0; b0 < g.batch; b0 += tiling.chunk) {
     const int64_t n = std::min(tiling.chunk, g.batch - b0);
     const at::Tensor cols = need_dw ? example_columns(g, channels_last, direct_input, x, b0, n) : at::Tensor();
+    // How this run's share of dW_e reaches grad_weight, on either path.
+    const mixing::Write gradient_write =
+        b0 > 0 ? mixing::Write::kAdd
+               : (grad_weight.nbytes() >= kStreamedGradientBytes ? mixing::Write::kStream : mixing::Write::kStore);
     // Column gradients: grad_x itself for a stride-1 unpadded 1x1, else a buffer folded by col2im.
     at::Tensor dcols;
     if (mask[0]) {
@@ -345,8 +349,7 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
           weight.const_data_ptr<float>(), routing.const_data_ptr<float>() + b0 * E,
           mask[2] ? grad_weight.mutable_data_ptr<float>() : nullptr,
           mask[1] ? grad_routing.mutable_data_ptr<float>() + b0 * E : nullptr,
-          /*accumulate=*/b0 > 0, /*stream=*/b0 == 0 && grad_weight.nbytes() >= kStreamedGradientBytes, n, E,
-          g.out_channels, Kg, P};
+          gradient_write, n, E, g.out_channels, Kg, P};
       cpu::fused_weight_grad::run(problem);
     }
     bool first_tile = true;
@@ -399,9 +402,6 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
           // dW_e += sum_b r[b, e] dW_b (and, without the mixing above, dr[b, e] += <dW_b, W_e>) over
           // this tile: GEMMs with an inner dimension of n or E, run by the mixing kernels that stream
           // the E x tile rows once.
-          const mixing::Write gradient_write =
-              b0 > 0 ? mixing::Write::kAdd
-                     : (grad_weight.nbytes() >= kStreamedGradientBytes ? mixing::Write::kStream : mixing::Write::kStore);
           AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cond_conv2d_reduce", [&] {
             using acc_t = at::opmath_type<scalar_t>;
             const scalar_t* r = routing.const_data_ptr<scalar_t>() + b0 * E;

@@ -19,6 +19,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/fused_mix_gemm.h"
+#include "cpu/mixing.h"
 #include "cpu/scratch_pool.h"
 
 namespace condkernels {
@@ -49,10 +50,9 @@ struct Problem {
   int64_t dy_stride;
   const float* weight;   // (E, Cout, K)
   const float* routing;  // (B, E)
-  float* grad_weight;    // (E, Cout, K) or null: written, or added to when accumulate
+  float* grad_weight;    // (E, Cout, K) or null
   float* grad_routing;   // (B, E) or null: written
-  bool accumulate;
-  bool stream;           // written past the caches (not when accumulate): see cpu/cond_conv2d.cpp
+  mixing::Write write;   // how grad_weight is written: stored, added to, or streamed past the caches
   int64_t batch, experts, out_channels, reduction, pixels;
 };
 

@@ -152,12 +152,12 @@ inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, co
         }
         for (int j = 0; j < channels; ++j) {
           float* dst = pb.grad_weight + e * expert_stride + (c0 + j0 + j) * K + s0 + kk;
-          if (pb.stream && width == kLine && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+          if (pb.write == mixing::Write::kStream && width == kLine && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
             for (int part = 0; part < kParts; ++part) Isa::stream(dst + part * W, rows[part][j]);
             continue;
           }
           for (int part = 0; part < kParts; ++part) Isa::store(line + part * W, rows[part][j]);
-          if (pb.accumulate)
+          if (pb.write == mixing::Write::kAdd)
             for (int k = 0; k < width; ++k) dst[k] += line[k];
           else
             std::copy_n(line, width, dst);
@@ -165,7 +165,7 @@ inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, co
       }
     }
   }
-  if (pb.stream) _mm_sfence();  // the streamed lines visible before the task reports done
+  if (pb.write == mixing::Write::kStream) mixing::finish_streaming();  // before the task reports done
 }
 
 template <class Isa>
