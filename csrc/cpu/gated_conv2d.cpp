@@ -637,16 +637,25 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // either way). Strided layers take the same limits: the full grid's stride-2 rows (ResNet's
 // downsampling convolutions, `--suite gated --full --filter "stride 2"`, 2-core AMD EPYC, AVX2) met
 // the density target on 47 of 48 rows, at density 0.5 0.37-0.53x the dense convolution + masks at
-// batch 1 and 0.24-0.60x at batch 32. CONDKERNELS_GATED_PADDED_POSITIONS replaces both limits (a
-// huge value: never; 0: wherever it applies) for measurements and tests.
+// batch 1 and 0.24-0.60x at batch 32. Without an in_gate the im2col holds every input channel nine
+// times whatever the density, and at batch 1 the padded planes won from 7x7 as well (2-core AMD
+// EPYC with AVX-512, one thread, output gate, the two paths alternated in one process, ms, padded /
+// im2col: 512 @ 7x7 0.71 / 0.84 at density 0.25, 1.38 / 1.50 at 0.5, 2.84 / 2.86 at 1; 256->512
+// stride 2 to 7x7 0.39 / 0.43 at 0.25, 1.29 / 1.43 at 1); the 7x7 loss above is kept where an
+// in_gate shrinks the im2col (on that EPYC too: 512 @ 7x7, in_gate 0.5, 2 threads, 0.88 / 0.82).
+// CONDKERNELS_GATED_PADDED_POSITIONS replaces every limit (a huge value: never; 0: wherever it
+// applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
+constexpr int64_t kPaddedMinPositionsUngatedInputs = 49;
 
-bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated) {
+bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated, bool has_in_gate) {
   const char* env = std::getenv("CONDKERNELS_GATED_PADDED_POSITIONS");
   const int64_t positions = g.out_h * g.out_w;
-  const bool large_enough = env != nullptr ? positions >= std::atoll(env)
-                                           : positions >= (g.batch > 1 ? kPaddedMinPositionsBatched : kPaddedMinPositions);
+  const int64_t min_positions = g.batch > 1      ? kPaddedMinPositionsBatched
+                                : !has_in_gate ? kPaddedMinPositionsUngatedInputs
+                                               : kPaddedMinPositions;
+  const bool large_enough = env != nullptr ? positions >= std::atoll(env) : positions >= min_positions;
   return large_enough && x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
          g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
          cpu::indirect_gemm_kernel() != nullptr;
@@ -852,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at
     fraction = work_fraction(optional_data<scalar_t>(in_gate),
                              with_ungated ? nullptr : optional_data<scalar_t>(out_gate), g);
   });
-  const bool padded = use_padded(x, g, with_ungated);
+  const bool padded = use_padded(x, g, with_ungated, in_gate.has_value());
   const bool indirect = !padded && use_indirect(x, g, with_ungated, in_gate.has_value());
   ForwardKernel kernel = ForwardKernel::kOther;
   if (padded) kernel = ForwardKernel::kPadded;
