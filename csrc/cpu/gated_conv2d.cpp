@@ -638,11 +638,11 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // downsampling convolutions, `--suite gated --full --filter "stride 2"`, 2-core AMD EPYC, AVX2) met
 // the density target on 47 of 48 rows, at density 0.5 0.37-0.53x the dense convolution + masks at
 // batch 1 and 0.24-0.60x at batch 32. Without an in_gate the im2col holds every input channel nine
-// times whatever the density, and at batch 1 the padded planes won from 7x7 as well (2-core AMD
-// EPYC with AVX-512, one thread, output gate, the two paths alternated in one process, ms, padded /
-// im2col: 512 @ 7x7 0.71 / 0.84 at density 0.25, 1.38 / 1.50 at 0.5, 2.84 / 2.86 at 1; 256->512
-// stride 2 to 7x7 0.39 / 0.43 at 0.25, 1.29 / 1.43 at 1); the 7x7 loss above is kept where an
-// in_gate shrinks the im2col (on that EPYC too: 512 @ 7x7, in_gate 0.5, 2 threads, 0.88 / 0.82).
+// times whatever the density, and at batch 1 the padded planes won from 7x7 as well (one-off, 2-core
+// AMD EPYC with AVX-512, one thread, output gate, the two paths alternated in one process, ms,
+// padded / im2col: 512 @ 7x7 0.71 / 0.84 at density 0.25, 1.38 / 1.50 at 0.5, 2.84 / 2.86 at 1;
+// 256->512 stride 2 to 7x7 0.39 / 0.43 at 0.25, 1.29 / 1.43 at 1); the 7x7 loss above is kept where
+// an in_gate shrinks the im2col (on that EPYC too: 512 @ 7x7, in_gate 0.5, 2 threads, 0.88 / 0.82).
 // CONDKERNELS_GATED_PADDED_POSITIONS replaces every limit (a huge value: never; 0: wherever it
 // applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
