@@ -19,6 +19,7 @@
 #include "common/beta_cdf_math.h"
 #include "common/sort_key.h"
 #include "cpu/beta_cdf_block.h"
+#include "cpu/parallel.h"
 #include "ops/batch_shaping_loss.h"
 
 namespace condkernels {
@@ -288,24 +289,31 @@ std::tuple<at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       // contiguous runs. (Walking one column alone strides by G elements, and a power-of-two G
       // puts every access in the same cache set.) The gradients are scattered to their batch rows
       // within the tile's own buffer, in cache, and copied out row by row.
+      // The tiles are claimed by the threads as they go (cpu/parallel.h), in runs of a few when the
+      // batch is short, each thread with its own buffers.
       const int64_t tiles = (g + kTile - 1) / kTile;
       const int64_t grain = std::max<int64_t>(1, 4096 / (n * kTile));
-      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-        std::vector<double> sorted(n);
-        std::vector<int32_t> order(n);
-        std::vector<scalar_t> tile_grad(n * kTile);
+      struct Buffers {
+        std::vector<double> sorted;
+        std::vector<int32_t> order;
+        std::vector<scalar_t> tile_grad;
         ColumnSorter<scalar_t> sorter;
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
-          sorter.sort(x + j0, n, width, g);
-          for (int64_t c = 0; c < width; ++c) {
-            sorter.column(c, n, sorted.data(), order.data());
-            column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), sorted.data(), order.data(),
-                                                            0, n, tile_grad.data() + c, width);
-          }
-          for (int64_t i = 0; i < n; ++i) std::copy_n(tile_grad.data() + i * width, width, grad + i * g + j0);
-        }
-      });
+      };
+      cpu::for_each_claimed(
+          (tiles + grain - 1) / grain,
+          [&] { return Buffers{std::vector<double>(n), std::vector<int32_t>(n), std::vector<scalar_t>(n * kTile), {}}; },
+          [&](Buffers& buf, int64_t run) {
+            for (int64_t t = run * grain; t < std::min(tiles, (run + 1) * grain); ++t) {
+              const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
+              buf.sorter.sort(x + j0, n, width, g);
+              for (int64_t c = 0; c < width; ++c) {
+                buf.sorter.column(c, n, buf.sorted.data(), buf.order.data());
+                column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), buf.sorted.data(),
+                                                                buf.order.data(), 0, n, buf.tile_grad.data() + c, width);
+              }
+              for (int64_t i = 0; i < n; ++i) std::copy_n(buf.tile_grad.data() + i * width, width, grad + i * g + j0);
+            }
+          });
     } else {
       // Large N, few columns: sort each column once, then spread its CDF evaluations over threads.
       std::vector<double> sorted(n);

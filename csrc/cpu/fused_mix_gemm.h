@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
 #include "cpu/scratch_pool.h"
 
 namespace condkernels {
@@ -107,24 +108,29 @@ inline Problem examples_of(const Problem& pb, int64_t b0, int64_t n) {
   return part;
 }
 
-// Runs the whole problem: tasks of one output-channel block and a run of examples, in parallel.
-// The examples are split only when there are fewer blocks than threads (each run of examples
-// stages the experts' pieces again).
+// Runs the whole problem: tasks of one output-channel block and a run of examples, claimed by the
+// threads as they go (cpu/parallel.h). The examples are split only when there are fewer blocks than
+// threads (each run of examples stages the experts' pieces again).
 inline void run(const Problem& pb) {
   const RunBlock run_block = run_block_kernel();
   const int64_t blocks = (pb.out_channels + kBlock - 1) / kBlock;
   const int64_t runs = std::min<int64_t>(pb.batch, (at::get_num_threads() + blocks - 1) / blocks);
   const int64_t run_size = (pb.batch + runs - 1) / runs;
-  at::parallel_for(0, blocks * runs, 1, [&](int64_t begin, int64_t end) {
-    float* staged = scratch_floats(0, pb.experts * staged_rows(pb.experts) * kBlock);
-    float* panels = scratch_floats(1, kMixGroup * kKc * kBlock);
-    float* acc = scratch_floats(2, run_size * pb.pixels * kBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = task / runs, b0 = (task % runs) * run_size;
-      if (b0 >= pb.batch) continue;
-      run_block(examples_of(pb, b0, std::min(run_size, pb.batch - b0)), blk * kBlock, staged, panels, acc);
-    }
-  });
+  struct Buffers {
+    float *staged, *panels, *acc;
+  };
+  for_each_claimed(
+      blocks * runs,
+      [&] {
+        return Buffers{scratch_floats(0, pb.experts * staged_rows(pb.experts) * kBlock),
+                       scratch_floats(1, kMixGroup * kKc * kBlock), scratch_floats(2, run_size * pb.pixels * kBlock)};
+      },
+      [&](const Buffers& buf, int64_t task) {
+        const int64_t blk = task / runs, b0 = (task % runs) * run_size;
+        if (b0 >= pb.batch) return;
+        run_block(examples_of(pb, b0, std::min(run_size, pb.batch - b0)), blk * kBlock, buf.staged, buf.panels,
+                  buf.acc);
+      });
 }
 
 }  // namespace fused_mix_gemm

@@ -26,6 +26,21 @@ void for_each_claimed(int64_t n, const F& f) {
   });
 }
 
+// The same, with what a worker needs for every item (its buffers) made once per worker:
+// f(state, i) with state = make_state().
+template <typename MakeState, typename F>
+void for_each_claimed(int64_t n, const MakeState& make_state, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      f(state, i);
+  });
+}
+
 // at::parallel_for whose workers run f with the calling thread's state (inference mode, grad mode,
 // the dispatch keys it excludes), so that ATen ops inside f behave as they would in the caller. Worker
 // threads do not inherit it: there, an in-place or out= op on a tensor the caller made under
