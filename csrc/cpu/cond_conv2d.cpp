@@ -210,7 +210,7 @@ bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  if (g.out_h * g.out_w > fused::kMaxPlane || g.batch < fused::kMinBatch) return false;
+  if (g.out_h * g.out_w > fused::max_plane() || g.batch < fused::kMinBatch) return false;
   const int64_t max_experts = pass == Pass::kForward ? fused::kMaxExperts : cpu::fused_weight_grad::kMaxExperts;
   return experts <= max_experts || g.batch >= experts;
 }

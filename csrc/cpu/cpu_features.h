@@ -30,6 +30,16 @@ inline VectorIsa hardware_vector_isa() {
 #endif
 }
 
+// Whether the CPU is an AMD one (a few thresholds were measured to differ from Intel CPUs').
+inline bool cpu_is_amd() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 // The CPU's instruction set, capped by CONDKERNELS_CPU_ISA=avx512|avx2|none when set (as oneDNN's
 // ONEDNN_MAX_CPU_ISA): to test or time the AVX2 kernels on an AVX-512 CPU, or the library paths
 // on any. Read on every call, so that a test can change it between calls.

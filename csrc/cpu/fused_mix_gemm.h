@@ -40,7 +40,7 @@ inline int64_t staged_rows(int64_t experts) {
   return std::max<int64_t>(kKc, rows / kKc * kKc);
 }
 
-// When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to kMaxPlane
+// When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to max_plane()
 // output pixels, at least kMinBatch examples, and at most kMaxExperts experts or at least as many
 // examples as experts. From
 // `python -m condkernels.bench --suite condconv --full --paths --threads 1 --rounds 3 --filter ...`
@@ -51,8 +51,18 @@ inline int64_t staged_rows(int64_t experts) {
 // pointwise 2048->512 @7x7 B = 8 E = 8 11.2 / 25.4; and pointwise 512->512 @14x14 (P = 196) B = 8
 // E = 8 8.27 / 7.31, where MKL's GEMMs are wide enough. With as many examples as experts the staging
 // is shared enough: B = 32, E = 32 (2 threads, --filter "@7x7 (ResNet-50) B=32 E=32"): 3x3 122 /
-// 206, pointwise 2048->512 63.0 / 95.1.
+// 206, pointwise 2048->512 63.0 / 95.1. On the 2-core AMD EPYC with AVX-512 (Zen 4) the same kernel
+// also won on 14x14 (`--full --paths --rounds 3 --filter "pointwise 512->512 @14x14 (MobileNetV1)
+// B="`, 2 threads, fused=1 / automatic ms): B = 8 E = 4 4.59 / 5.28, E = 8 5.14 / 5.59; B = 32 E = 4
+// 18.2 / 22.5, E = 8 19.2 / 22.9, E = 32 24.6 / 28.7; fwd+bwd 4-6% faster on each of those rows.
+// There the limit is kMaxPlaneAmdAvx512.
 constexpr int64_t kMaxPlane = 64;
+constexpr int64_t kMaxPlaneAmdAvx512 = 196;
+
+inline int64_t max_plane() {
+  return cpu_is_amd() && vector_isa() == VectorIsa::kAvx512 ? kMaxPlaneAmdAvx512 : kMaxPlane;
+}
+
 constexpr int64_t kMinBatch = 2;
 constexpr int64_t kMaxExperts = 16;
 
