@@ -11,23 +11,10 @@
 namespace condkernels {
 namespace cpu {
 
-// Runs f(i) for every i in [0, n), the threads claiming items one at a time: on a shared machine a
-// thread that is held up leaves its items to the others, where a fixed split would wait for it.
+// Runs f(state, i) for every i in [0, n), the threads claiming items one at a time: on a shared
+// machine a thread that is held up leaves its items to the others, where a fixed split would wait
+// for it. Each worker first makes what it needs for every item (its buffers): state = make_state().
 // Inside a parallel region the calling thread runs them all.
-template <typename F>
-void for_each_claimed(int64_t n, const F& f) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      f(i);
-  });
-}
-
-// The same, with what a worker needs for every item (its buffers) made once per worker:
-// f(state, i) with state = make_state().
 template <typename MakeState, typename F>
 void for_each_claimed(int64_t n, const MakeState& make_state, const F& f) {
   if (n <= 0) return;
@@ -39,6 +26,12 @@ void for_each_claimed(int64_t n, const MakeState& make_state, const F& f) {
          i = next.fetch_add(1, std::memory_order_relaxed))
       f(state, i);
   });
+}
+
+// The same without a per-worker state: f(i).
+template <typename F>
+void for_each_claimed(int64_t n, const F& f) {
+  for_each_claimed(n, [] { return 0; }, [&](int, int64_t i) { f(i); });
 }
 
 // at::parallel_for whose workers run f with the calling thread's state (inference mode, grad mode,
