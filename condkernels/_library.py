@@ -1,5 +1,6 @@
 """Loads the compiled ops and tells which backends this installation has."""
 
+import contextlib
 import importlib.util
 
 import torch
@@ -28,14 +29,39 @@ def cuda_built() -> bool:
 
 
 def empty_cpu_cache() -> int:
-    """Frees the CPU output buffers condkernels keeps for reuse and returns how many bytes that was.
+    """Frees the CPU memory condkernels keeps for reuse and returns how many bytes that was.
 
     Outputs of 32 MB and more that the CPU kernels allocate on every call (cond_conv2d's
     expert-weight gradient) keep their memory when the tensor dies and the next call of the same
     size reuses it, which saves the page faults of fresh memory on every training step. At most
     ``CONDKERNELS_CPU_OUTPUT_CACHE_MB`` (default 1024; 0 disables the cache) of free buffers are kept.
+    The prepared weight copies of :func:`frozen_weights` are freed too (a later call in the context
+    makes them again).
     """
-    return torch.ops.condkernels._empty_cpu_output_cache()
+    return torch.ops.condkernels._empty_cpu_output_cache() + torch.ops.condkernels._empty_frozen_weight_copies()
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """Within it, the CPU kernels may keep a prepared copy of each weight they read and reuse it
+    while the weight is unchanged: for inference with fixed weights.
+
+    :func:`cond_conv2d`'s fused kernel for small planes (batches of 7x7 maps, e.g. CC-ResNet-50's
+    last stage) otherwise transposes a piece of every expert into its layout on each call; here the
+    experts are laid out once, on the first call, in one more copy of their size. A copy is reused
+    while its weight keeps the same storage, shape and version (``tensor._version``), so in-place
+    updates by PyTorch ops are seen and a changed weight is laid out anew. Writes that bypass the
+    version counter (through ``.data``, NumPy or DLPack views) are not seen: do not make them to a
+    weight in use inside the context. Copies are freed when their weight is, when the outermost
+    context on every thread has been left, or by :func:`empty_cpu_cache`. Contexts nest; each thread
+    enters its own. Weights made under ``torch.inference_mode()`` (which have no version) are read as
+    they are, without a copy.
+    """
+    torch.ops.condkernels._enter_frozen_weights()
+    try:
+        yield
+    finally:
+        torch.ops.condkernels._exit_frozen_weights()
 
 
 def cpu_vector_isa() -> str:

@@ -379,3 +379,80 @@ def test_every_path_under_inference_mode(case, channels_last, fused, monkeypatch
     assert got.is_inference() and got_inside.is_inference()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_inside, want, rtol=1e-6, atol=1e-6)
+
+
+# --- condkernels.frozen_weights(): the fused forward reads the experts from a kept copy in its
+# staged layout (cpu/frozen_weights.h), at any batch and expert count.
+
+
+def _fused_case_inputs(case, seed):
+    batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, 1, bias, dtype=torch.float32, seed=seed)
+    return x, r, w, b, (list(stride), list(pad), [1, 1], 1)
+
+
+@pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
+def test_frozen_weights_forward(case, vector_isa, monkeypatch):
+    """Against the oracle, and the same bits as the fused kernel staging the experts itself (the
+    copy holds the values it would stage, summed in the same order)."""
+    x, r, w, b, args = _fused_case_inputs(case, seed=21)
+    x[0, 0, 0, 0] = 1e3
+    want = per_example_oracle(x.double(), r.double(), w.double(), None if b is None else b.double(), *args)
+    monkeypatch.setenv(FUSED_ENV, "1")
+    staging = OP(x, r, w, b, *args)
+    monkeypatch.delenv(FUSED_ENV)
+    with condkernels.frozen_weights():
+        first = OP(x, r, w, b, *args)  # makes the copy
+        again = OP(x, r, w, b, *args)  # reads it
+        assert condkernels.empty_cpu_cache() >= w.numel() * 4  # the copy is there, and goes
+        after_emptying = OP(x, r, w, b, *args)
+    err = (first.double() - want).abs().max().item()
+    assert err <= 2e-5 * want.abs().max().item(), err
+    for got in (again, after_emptying):
+        assert torch.equal(got, first)
+    assert torch.equal(first, staging)
+
+
+def test_frozen_weights_follow_in_place_updates_and_other_weights(vector_isa):
+    x, r, w, b, args = _fused_case_inputs("k3_odd_everything", seed=22)
+    other = torch.randn(w.shape, generator=torch.Generator().manual_seed(23))
+    with condkernels.frozen_weights():
+        before = OP(x, r, w, b, *args)
+        with torch.no_grad():
+            w.mul_(-2.0)  # bumps w._version: the copy is laid out again
+        after = OP(x, r, w, b, *args)
+        with_other = OP(x, r, other, b, *args)
+    mixed_bias = r @ b
+    torch.testing.assert_close(after - mixed_bias[:, :, None, None],
+                               -2.0 * (before - mixed_bias[:, :, None, None]), rtol=1e-5, atol=1e-4)
+    want = per_example_oracle(x.double(), r.double(), other.double(), b.double(), *args)
+    assert (with_other.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+
+
+def test_frozen_weights_free_their_copies_when_the_outermost_context_ends(vector_isa):
+    x, r, w, b, args = _fused_case_inputs("k3_odd_everything", seed=24)
+    condkernels.empty_cpu_cache()
+    with condkernels.frozen_weights():
+        with condkernels.frozen_weights():
+            OP(x, r, w, b, *args)
+        assert condkernels.empty_cpu_cache() >= w.numel() * 4  # still kept after the inner context
+        OP(x, r, w, b, *args)
+    assert condkernels.empty_cpu_cache() == 0
+    with pytest.raises(RuntimeError, match="frozen_weights"):
+        torch.ops.condkernels._exit_frozen_weights()
+
+
+def test_frozen_weights_make_no_copy_of_what_they_cannot_track(vector_isa):
+    """A non-contiguous weight (made contiguous per call) and inference tensors (no version) are
+    read as they are: right answers, nothing kept."""
+    x, r, w, b, args = _fused_case_inputs("k3_odd_everything", seed=25)
+    want = OP(x, r, w, b, *args)
+    strided = w.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    with condkernels.frozen_weights():
+        condkernels.empty_cpu_cache()
+        assert torch.equal(OP(x, r, strided, b, *args), want)
+        with torch.inference_mode():
+            w_inference = w.clone()
+            torch.testing.assert_close(OP(x, r, w_inference, b, *args), want, rtol=1e-6, atol=1e-5)
+        assert condkernels.empty_cpu_cache() == 0

@@ -34,6 +34,7 @@
 
 #include "cpu/depthwise.h"
 #include "cpu/fused_mix_gemm.h"
+#include "cpu/frozen_weights.h"
 #include "cpu/fused_weight_grad.h"
 #include "cpu/im2col.h"
 #include "cpu/library_conv.h"
@@ -202,27 +203,42 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
 // number of experts, sharing the staging of the experts among as many examples.
 // CONDKERNELS_COND_CONV2D_CPU_FUSED=0 turns them off, =1 takes them whenever they can run (for the
 // benchmark and the tests).
+// With the experts already staged (inference in condkernels.frozen_weights(), cpu/frozen_weights.h)
+// the forward costs no staging, and it beat mix + GEMM at every batch and expert count tried
+// (`/tmp` A/B on the Intel Xeon, 2 threads, ms, fused / mix + GEMM): 3x3 512->512 @7x7 B = 1 E = 4
+// 4.1 / 5.0-6.8, E = 8 4.1-4.4 / 6.4-8.5, B = 8 E = 32 27-37 / 47-49; pointwise 2048->512 B = 1
+// E = 8 2.3 / 3.7-3.9, B = 8 E = 32 11-14 / 17-19 (ties at B = 1 E = 32, bound by the experts' read).
 enum class Pass { kForward, kBackward };
 
-bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass) {
+bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass,
+                        bool experts_staged = false) {
   namespace fused = cpu::fused_mix_gemm;
   if (x.scalar_type() != at::kFloat || channels_last || g.groups != 1 || !fused::available()) return false;
   const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  if (g.out_h * g.out_w > fused::max_plane() || g.batch < fused::kMinBatch) return false;
+  if (g.out_h * g.out_w > fused::max_plane()) return false;
+  if (experts_staged) return true;
+  if (g.batch < fused::kMinBatch) return false;
   const int64_t max_experts = pass == Pass::kForward ? fused::kMaxExperts : cpu::fused_weight_grad::kMaxExperts;
   return experts <= max_experts || g.batch >= experts;
 }
 
 at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x,
                             const at::Tensor& routing, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
+                            const std::optional<at::Tensor>& bias, bool weight_is_callers) {
   const int64_t E = weight.size(0), taps = g.kernel_h * g.kernel_w;
   const int64_t Kg = g.in_channels_per_group() * taps, cout_g = g.out_channels_per_group();
   const int64_t P = g.out_h * g.out_w;
   const bool direct_input = g.is_pointwise();
-  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, Pass::kForward);
+  // Within condkernels.frozen_weights(), the fused kernel reads the experts from a copy in its
+  // staged layout, kept between calls (cpu/frozen_weights.h); not for a copy made by this call.
+  const bool experts_staged = weight_is_callers && cpu::keeps_frozen_copy(weight);
+  const bool fused = use_fused_mix_gemm(g, channels_last, x, E, Pass::kForward, experts_staged);
+  const at::Tensor staged_weight =
+      fused && experts_staged
+          ? cpu::frozen_copy(weight, cpu::kCondConv2dStagedExperts, cpu::fused_mix_gemm::staged_experts)
+          : at::Tensor();
   const Tiling tiling = plan_tiling(g, direct_input, fused, x.element_size());
   const at::Tensor weight_flat = weight.view({E, -1});
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
@@ -239,7 +255,8 @@ at::Tensor forward_mix_gemm(const ConvGeometry& g, bool channels_last, const at:
           cols.const_data_ptr<float>(), cols.stride(0), weight.const_data_ptr<float>(),
           routing.const_data_ptr<float>() + b0 * E,
           mixed_bias ? mixed_bias->const_data_ptr<float>() + b0 * g.out_channels : nullptr,
-          y.mutable_data_ptr<float>() + b0 * y.stride(0), y.stride(0), n, E, g.out_channels, Kg, P};
+          y.mutable_data_ptr<float>() + b0 * y.stride(0), y.stride(0), n, E, g.out_channels, Kg, P,
+          false, staged_weight.defined() ? staged_weight.const_data_ptr<float>() : nullptr};
       cpu::fused_mix_gemm::run(problem);
       continue;
     }
@@ -567,7 +584,7 @@ at::Tensor cond_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& routing_in,
   const std::optional<at::Tensor> bias = bias_in ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   if (g.is_depthwise()) return forward_depthwise(g, channels_last, x, routing, weight, bias);
   if (weight.size(0) == 1) return forward_single_expert(g, channels_last, x, routing, weight, bias);
-  return forward_mix_gemm(g, channels_last, x, routing, weight, bias);
+  return forward_mix_gemm(g, channels_last, x, routing, weight, bias, weight.is_same(weight_in));
 }
 
 Grads cond_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,

@@ -15,6 +15,7 @@
 // same problem with the experts read transposed (Problem::weight_transposed).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -80,7 +81,33 @@ struct Problem {
   int64_t y_stride;
   int64_t batch, experts, out_channels, reduction, pixels;
   bool weight_transposed = false;
+  // The experts already in the staged layout for every reduction row (staged_experts below), or
+  // null: then each piece is staged from `weight` as it is needed.
+  const float* staged_weight = nullptr;
 };
+
+// The experts (E, Cout, K) as stage_experts lays out each piece, for all K at once: (blocks of
+// kBlock output channels, E, K, kBlock), channels past Cout zero. The kernel reads a piece of it in
+// place (Problem::staged_weight): a weight that stays the same between calls is laid out once
+// (cpu/frozen_weights.h) instead of on every call.
+inline at::Tensor staged_experts(const at::Tensor& weight) {
+  const int64_t E = weight.size(0), Cout = weight.size(1), K = weight.numel() / std::max<int64_t>(1, E * Cout);
+  const int64_t blocks = (Cout + kBlock - 1) / kBlock;
+  at::Tensor staged = at::zeros({blocks, E, K, kBlock}, weight.options());
+  const float* w = weight.const_data_ptr<float>();
+  float* out = staged.mutable_data_ptr<float>();
+  at::parallel_for(0, blocks * E, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t be = begin; be < end; ++be) {
+      const int64_t blk = be / E, e = be % E, valid = std::min(kBlock, Cout - blk * kBlock);
+      for (int64_t j = 0; j < valid; ++j) {
+        const float* row = w + (e * Cout + blk * kBlock + j) * K;
+        float* col = out + be * K * kBlock + j;
+        for (int64_t k = 0; k < K; ++k) col[k * kBlock] = row[k];
+      }
+    }
+  });
+  return staged;
+}
 
 // One block of kBlock output channels from c0 for every example of `pb`, with the calling thread's
 // buffers: staged (E x staged_rows x kBlock floats), panels (kMixGroup x kKc x kBlock) and acc

@@ -199,7 +199,14 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
   std::vector<float> routing_lanes(kMixGroup * pb.experts * Isa::kLanes);
   for (int64_t s0 = 0; s0 < pb.reduction; s0 += stage_rows) {
     const int64_t sc = std::min(stage_rows, pb.reduction - s0);
-    stage_experts<Isa>(pb, c0, s0, sc, staged);
+    const float* piece = staged;  // [e][k][j], experts piece_stride apart
+    int64_t piece_stride = sc * kBlock;
+    if (pb.staged_weight != nullptr) {
+      piece = pb.staged_weight + (c0 / kBlock * pb.experts * pb.reduction + s0) * kBlock;
+      piece_stride = pb.reduction * kBlock;
+    } else {
+      stage_experts<Isa>(pb, c0, s0, sc, staged);
+    }
     for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
       const int64_t group = std::min(kMixGroup, B - b0);
       repeat_over_lanes<Isa>(pb.routing + b0 * pb.experts, group * pb.experts, routing_lanes.data());
@@ -207,7 +214,7 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
         const int64_t kc = std::min(kKc, sc - k0);
         const float* group_cols = pb.cols + b0 * pb.cols_stride + (s0 + k0) * P;
         prefetch_columns(group_cols, kc * P);
-        mix<Isa>(group, staged + k0 * kBlock, sc * kBlock, routing_lanes.data(), pb.experts, kc, panels);
+        mix<Isa>(group, piece + k0 * kBlock, piece_stride, routing_lanes.data(), pb.experts, kc, panels);
         for (int64_t i = 0; i < group; ++i) {
           const float* col = group_cols + i * pb.cols_stride;
           if (i + 1 < group) prefetch_columns(col + pb.cols_stride, kc * P);
