@@ -48,14 +48,15 @@ def frozen_weights():
 
     :func:`cond_conv2d`'s fused kernel for small planes (batches of 7x7 maps, e.g. CC-ResNet-50's
     last stage) otherwise transposes a piece of every expert into its layout on each call; here the
-    experts are laid out once, on the first call, in one more copy of their size. A copy is reused
-    while its weight keeps the same storage, shape and version (``tensor._version``), so in-place
-    updates by PyTorch ops are seen and a changed weight is laid out anew. Writes that bypass the
-    version counter (through ``.data``, NumPy or DLPack views) are not seen: do not make them to a
-    weight in use inside the context. Copies are freed when their weight is, when the outermost
-    context on every thread has been left, or by :func:`empty_cpu_cache`. Contexts nest; each thread
-    enters its own. Weights made under ``torch.inference_mode()`` (which have no version) are read as
-    they are, without a copy.
+    experts are laid out once, on the first call, in one more copy of their size, and the kernel is
+    taken at every batch size. A copy is reused while its weight keeps the same storage, shape and
+    version (``tensor._version``), so in-place updates by PyTorch ops are seen and a changed weight
+    is laid out anew. Writes that bypass the version counter (through ``.data``, NumPy or DLPack
+    views) are not seen: do not make them to a weight used inside the context. Copies outlive the
+    context (a context per request reuses them); those of weights that are gone are freed by the
+    next call that makes or reads a copy, and :func:`empty_cpu_cache` frees them all. Contexts nest;
+    each thread enters its own. Weights made under ``torch.inference_mode()`` (which have no
+    version) are read as they are, without a copy.
     """
     torch.ops.condkernels._enter_frozen_weights()
     try:

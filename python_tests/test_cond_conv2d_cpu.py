@@ -429,14 +429,26 @@ def test_frozen_weights_follow_in_place_updates_and_other_weights(vector_isa):
     assert (with_other.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
 
 
-def test_frozen_weights_free_their_copies_when_the_outermost_context_ends(vector_isa):
+def test_frozen_weights_keep_copies_across_contexts_while_their_weights_live(vector_isa):
     x, r, w, b, args = _fused_case_inputs("k3_odd_everything", seed=24)
+    other = w.clone()
     condkernels.empty_cpu_cache()
     with condkernels.frozen_weights():
         with condkernels.frozen_weights():
             OP(x, r, w, b, *args)
-        assert condkernels.empty_cpu_cache() >= w.numel() * 4  # still kept after the inner context
+        OP(x, r, other, b, *args)
+    with condkernels.frozen_weights():  # a context per call: the copies are still there
         OP(x, r, w, b, *args)
+    kept = condkernels.empty_cpu_cache()
+    assert kept >= 2 * w.numel() * 4
+    with condkernels.frozen_weights():
+        OP(x, r, w, b, *args)
+        OP(x, r, other, b, *args)
+    del other
+    with condkernels.frozen_weights():
+        OP(x, r, w, b, *args)  # frees the copy of the weight that is gone
+    assert condkernels.empty_cpu_cache() == kept // 2
+    OP(x, r, w, b, *args)  # outside a context: nothing kept
     assert condkernels.empty_cpu_cache() == 0
     with pytest.raises(RuntimeError, match="frozen_weights"):
         torch.ops.condkernels._exit_frozen_weights()

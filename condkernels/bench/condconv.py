@@ -52,11 +52,26 @@ def configurations(full: bool):
     return QUICK
 
 
-def _functions(cfg) -> dict:
+# Inference with the weights fixed: condkernels.frozen_weights() around each call, its copies kept
+# between them (as for a server entering it per request). Judged against the inference targets.
+FROZEN = ours("cpu", "frozen")
+
+
+def in_frozen_weights(fn):
+    def call(*args, **kwargs):
+        with condkernels.frozen_weights():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _functions(cfg, mode: str = "inference") -> dict:
     fns = {STATIC: competitors.cond_static, NAIVE: competitors.cond_naive,
            GROUPED: competitors.cond_grouped, LOOP: competitors.cond_loop}
     for backend in competitors.own_backends(cfg.device):
         fns[ours(backend)] = competitors.with_backend(condkernels.cond_conv2d, backend)
+    if mode == "inference" and cfg.device.type == "cpu":
+        fns[FROZEN] = in_frozen_weights(fns[ours("cpu")])
     if cfg.paths and cfg.device.type == "cpu":  # the studies behind the CPU kernel's thresholds
         for policy in ("whole", "tiled"):  # the mix + GEMM path itself, never the fused kernel
             fns[ours("cpu", f"tiling={policy}")] = with_env(fns[ours("cpu")], {TILING_ENV: policy, FUSED_ENV: "0"})
@@ -83,7 +98,7 @@ def make_case(cfg, key, batch, experts, mode) -> Case:
         weight = torch.randn(experts, cout, cin // groups, k, k, generator=gen) * (cin // groups * k * k) ** -0.5
         x, routing, weight = (t.to(cfg.device, cfg.dtype) for t in (x, routing, weight))
         calls = {}
-        for name, fn in _functions(cfg).items():
+        for name, fn in _functions(cfg, mode).items():
             # The static conv owns one expert: its backward does not fill an E-expert gradient.
             w = weight[:1].clone() if name == STATIC else weight
             if backward:
@@ -98,7 +113,7 @@ def make_case(cfg, key, batch, experts, mode) -> Case:
         params=dict(shape=label, cin=cin, cout=cout, groups=groups, k=k, hw=hw, batch=batch, experts=experts,
                     expert_bytes=es * w_n),
         setup=setup, macs=macs * (3 if backward else 1), nbytes=nbytes,
-        compare=tuple(m for m in _functions(cfg) if m != STATIC),  # outputs, or the gradients of x, r, W
+        compare=tuple(m for m in _functions(cfg, mode) if m != STATIC),  # outputs, or the gradients of x, r, W
         hints={NAIVE: experts, LOOP: batch / max(1, batch // 8)},
     )
 
@@ -113,7 +128,7 @@ def cases(cfg) -> list[Case]:
 def judge(case: dict[str, dict]) -> dict:
     """The target quantities of one case (a {method: row})."""
     any_row = next(iter(case.values()))
-    method = ours_method(case)
+    method = FROZEN if FROZEN in case else ours_method(case)
     t, static, grouped = ms(case.get(method)), ms(case.get(STATIC)), ms(case.get(GROUPED))
     read_ms = any_row["expert_bytes"] / (any_row["bandwidth_gb_s"] * 1e9) * 1e3
     floor = static + read_ms if static is not None else None
@@ -137,8 +152,11 @@ def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
         "Competitors: **static** = `F.conv2d` with one expert (the cost to match); **naive** = the mixture of",
         "E convolutions (`backend=\"reference\"`); **grouped** = timm's trick (mix with `routing @ weight`,",
         "batch folded into the groups of one conv); **loop** = mixed kernels, one conv per example;",
-        "**condkernels:&lt;backend&gt;** = `cond_conv2d(..., backend=...)`. float32 NCHW, no bias, routing",
-        "uniform in [0, 1). fwd+bwd: forward, then the gradients of x, routing and the experts.",
+        "**condkernels:&lt;backend&gt;** = `cond_conv2d(..., backend=...)`; **condkernels:cpu frozen** = the",
+        "same inside `condkernels.frozen_weights()` (inference with fixed weights: the fused kernel's",
+        "layout of the experts made once and kept between calls), which the inference rows' ratios and",
+        "targets are taken from where it was timed. float32 NCHW, no bias, routing uniform in [0, 1).",
+        "fwd+bwd: forward, then the gradients of x, routing and the experts.",
         "",
         "Floors: *roofline* = max(conv MACs / GEMM throughput, unavoidable bytes / bandwidth), the",
         "bytes being x, y and the E experts (and dy, dx, dW_e in fwd+bwd); *target floor* = static +",

@@ -34,19 +34,6 @@ class FrozenCopies {
     return copies;
   }
 
-  void enter() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++active_;
-  }
-
-  void exit() {
-    std::vector<Copy> released;  // freed outside the lock
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--active_ == 0) released.swap(copies_);
-    }
-  }
-
   at::Tensor get(const at::Tensor& weight, int kind, const std::function<at::Tensor(const at::Tensor&)>& prepare) {
     const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
     std::vector<Copy> released;
@@ -89,19 +76,14 @@ class FrozenCopies {
 
  private:
   std::mutex mutex_;
-  int64_t active_ = 0;  // contexts entered and not left, over all threads
   std::vector<Copy> copies_;
 };
 
-void enter_frozen_weights() {
-  ++frozen_depth;
-  FrozenCopies::instance().enter();
-}
+void enter_frozen_weights() { ++frozen_depth; }
 
 void exit_frozen_weights() {
   TORCH_CHECK(frozen_depth > 0, "condkernels.frozen_weights(): left more often than entered on this thread");
   --frozen_depth;
-  FrozenCopies::instance().exit();
 }
 
 }  // namespace

@@ -5,9 +5,11 @@
 // fifth to a third of its time. A weight that does not change between calls can be put in the
 // staged layout once and read from there as it lies. Within condkernels.frozen_weights() the CPU
 // kernels keep such copies, made on first use and reused while the weight keeps its storage, data
-// pointer, shape and version (so in-place updates through autograd-tracked ops are seen; writes that
-// bypass the version counter, through `.data` or NumPy, are not: that is the caller's promise).
-// Leaving the outermost context on every thread, or condkernels.empty_cpu_cache(), frees them.
+// pointer, shape and version (so in-place updates through PyTorch ops are seen; writes that bypass
+// the version counter, through `.data` or NumPy, are not: that is the caller's promise). A copy
+// outlives the context, so that a context per request does not lay the experts out anew each time.
+// Copies whose weight is gone are freed by the next call that asks for a copy, a copy whose weight
+// changed is replaced when next asked for, and condkernels.empty_cpu_cache() frees them all.
 #pragma once
 
 #include <ATen/ATen.h>
