@@ -27,7 +27,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
-    p.add_argument("--filter", default="", metavar="SUBSTRING", help="only the cases whose name contains it")
+    p.add_argument("--filter", action="append", default=[], metavar="SUBSTRING",
+                   help="only the cases whose name contains it (repeat: every one of them)")
     p.add_argument("--paths", action="store_true",
                    help="also time the CPU kernels with each of their paths forced (cond_conv2d's mixing "
                         "tiles and fused small-plane kernel, gated_conv2d's compacted path): the studies "
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     cfg = Config(device=device, dtype=DTYPES[args.dtype], full=args.full, rounds=rounds,
                  round_s=0.05 if args.full else 0.02, skip_s=3.0 if args.full else 0.25, paths=args.paths)
     suites = args.suite or list(SUITES)
-    cases = [c for s in suites for c in SUITES[s].cases(cfg) if args.filter in c.name]
+    cases = [c for s in suites for c in SUITES[s].cases(cfg) if all(f in c.name for f in args.filter)]
     if args.list:
         print("\n".join(c.name for c in cases))
         return 0
