@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common/gated_channels.h"
+#include "cpu/cpu_features.h"
 #include "cpu/indirect_gemm.h"
 #include "cpu/library_conv.h"
 #include "cpu/parallel.h"
@@ -643,18 +644,22 @@ void indirect_forward(const at::Tensor& x, const at::Tensor& weight, const float
 // padded / im2col: 512 @ 7x7 0.71 / 0.84 at density 0.25, 1.38 / 1.50 at 0.5, 2.84 / 2.86 at 1;
 // 256->512 stride 2 to 7x7 0.39 / 0.43 at 0.25, 1.29 / 1.43 at 1); the 7x7 loss above is kept where
 // an in_gate shrinks the im2col (on that EPYC too: 512 @ 7x7, in_gate 0.5, 2 threads, 0.88 / 0.82).
+// On the Intel Xeon the im2col kept winning on 7x7 without an in_gate (same one-off alternation, 2
+// threads, output gate, two runs each: 512 @ 7x7 4.3-4.6 / 3.0-3.3 at density 1, 1.08 / 0.91 and
+// 0.84 / 1.18 at 0.25; 256->512 stride 2 2.4-2.8 / 1.5-1.8 at 1, 0.93 / 0.75 and 0.54 / 0.45 at
+// 0.25), so there the limit for batch 1 stays kPaddedMinPositions.
 // CONDKERNELS_GATED_PADDED_POSITIONS replaces every limit (a huge value: never; 0: wherever it
 // applies) for measurements and tests.
 constexpr int64_t kPaddedMinPositions = 100;
 constexpr int64_t kPaddedMinPositionsBatched = 49;
-constexpr int64_t kPaddedMinPositionsUngatedInputs = 49;
+constexpr int64_t kPaddedMinPositionsUngatedInputsAmd = 49;
 
 bool use_padded(const at::Tensor& x, const ConvGeometry& g, bool with_ungated, bool has_in_gate) {
   const char* env = std::getenv("CONDKERNELS_GATED_PADDED_POSITIONS");
   const int64_t positions = g.out_h * g.out_w;
   const int64_t min_positions = g.batch > 1      ? kPaddedMinPositionsBatched
-                                : !has_in_gate ? kPaddedMinPositionsUngatedInputs
-                                               : kPaddedMinPositions;
+                                : !has_in_gate && cpu::cpu_is_amd() ? kPaddedMinPositionsUngatedInputsAmd
+                                                                    : kPaddedMinPositions;
   const bool large_enough = env != nullptr ? positions >= std::atoll(env) : positions >= min_positions;
   return large_enough && x.scalar_type() == at::kFloat && g.groups == 1 && !with_ungated && !g.is_pointwise() &&
          g.in_channels * g.kernel_h * g.kernel_w < (int64_t(1) << 31) &&
