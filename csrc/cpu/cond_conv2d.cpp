@@ -205,9 +205,11 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
 // benchmark and the tests).
 // With the experts already staged (inference in condkernels.frozen_weights(), cpu/frozen_weights.h)
 // the forward costs no staging, and it beat mix + GEMM at every batch and expert count tried
-// (`/tmp` A/B on the Intel Xeon, 2 threads, ms, fused / mix + GEMM): 3x3 512->512 @7x7 B = 1 E = 4
-// 4.1 / 5.0-6.8, E = 8 4.1-4.4 / 6.4-8.5, B = 8 E = 32 27-37 / 47-49; pointwise 2048->512 B = 1
-// E = 8 2.3 / 3.7-3.9, B = 8 E = 32 11-14 / 17-19 (ties at B = 1 E = 32, bound by the experts' read).
+// (one-off process-alternated A/B on the Intel Xeon, 2 threads, ms, fused / mix + GEMM, both inside
+// frozen_weights()): 3x3 512->512 @7x7 B = 1 E = 4 4.1 / 5.0-6.8, E = 8 4.1-4.4 / 6.4-8.5, B = 8
+// E = 32 27-37 / 47-49; pointwise 2048->512 B = 1 E = 8 2.3 / 3.7-3.9, B = 8 E = 32 11-14 / 17-19
+// (ties at B = 1 E = 32, bound by the experts' read). Past the plane limit it stays off: pointwise
+// 512 @14x14 on the Xeon won at B <= 8 with E = 32 but lost at B = 32 E = 32 (33-46 / 29-35).
 enum class Pass { kForward, kBackward };
 
 bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass,

@@ -1,8 +1,8 @@
 // Prepared copies of weights that the caller declared frozen (condkernels.frozen_weights()).
 //
 // cond_conv2d's fused small-plane kernel reads every expert through a transposed staging copy
-// (cpu/fused_mix_gemm.h): the transposition and the short, 2^n-strided rows it reads cost it a
-// fifth to a third of its time. A weight that does not change between calls can be put in the
+// (cpu/fused_mix_gemm.h): the transposition, and the short rows it reads 4 K bytes apart (18 KB at
+// K = 4608, so they crowd a few cache sets), cost it a fifth to a third of its time. A weight that does not change between calls can be put in the
 // staged layout once and read from there as it lies. Within condkernels.frozen_weights() the CPU
 // kernels keep such copies, made on first use and reused while the weight keeps its storage, data
 // pointer, shape and version (so in-place updates through PyTorch ops are seen; writes that bypass
