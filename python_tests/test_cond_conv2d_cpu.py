@@ -385,18 +385,13 @@ def test_every_path_under_inference_mode(case, channels_last, fused, monkeypatch
 # staged layout (cpu/frozen_weights.h), at any batch and expert count.
 
 
-# Past the fused kernel's plane limit, a single example with many experts takes it when they are kept
-# staged (14x14 = 196 pixels, 16 experts).
-FROZEN_CASES = {**FUSED, "batch1_14x14_many_experts": (1, 24, 70, 16, 3, (14, 14), True, (1, 1), (1, 1, 1, 1))}
-
-
 def _fused_case_inputs(case, seed):
-    batch, cin, cout, experts, k, hw, bias, stride, pad = FROZEN_CASES[case]
+    batch, cin, cout, experts, k, hw, bias, stride, pad = FUSED[case]
     x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, 1, bias, dtype=torch.float32, seed=seed)
     return x, r, w, b, (list(stride), list(pad), [1, 1], 1)
 
 
-@pytest.mark.parametrize("case", list(FROZEN_CASES), ids=list(FROZEN_CASES))
+@pytest.mark.parametrize("case", list(FUSED), ids=list(FUSED))
 def test_frozen_weights_forward(case, vector_isa, monkeypatch):
     """Against the oracle, and the same bits as the fused kernel staging the experts itself (the
     copy holds the values it would stage, summed in the same order)."""

@@ -208,9 +208,8 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
 // (one-off process-alternated A/B on the Intel Xeon, 2 threads, ms, fused / mix + GEMM, both inside
 // frozen_weights()): 3x3 512->512 @7x7 B = 1 E = 4 4.1 / 5.0-6.8, E = 8 4.1-4.4 / 6.4-8.5, B = 8
 // E = 32 27-37 / 47-49; pointwise 2048->512 B = 1 E = 8 2.3 / 3.7-3.9, B = 8 E = 32 11-14 / 17-19
-// (ties at B = 1 E = 32, bound by the experts' read). Past the plane limit only a single example
-// with many experts takes it (fused_mix_gemm.h): pointwise 512 @14x14 on the Xeon won and lost by
-// turns at B = 8 and 16 and lost at B = 32 E = 32 (33-46 / 29-35).
+// (ties at B = 1 E = 32, bound by the experts' read). Past the plane limit it stays off: pointwise
+// 512 @14x14 on the Xeon won at B <= 8 with E = 32 but lost at B = 32 E = 32 (33-46 / 29-35).
 enum class Pass { kForward, kBackward };
 
 bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass,
@@ -220,11 +219,7 @@ bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
   const char* env = std::getenv("CONDKERNELS_COND_CONV2D_CPU_FUSED");
   if (env && std::strcmp(env, "0") == 0) return false;
   if (env && std::strcmp(env, "1") == 0) return true;
-  const int64_t plane = g.out_h * g.out_w;
-  if (experts_staged && g.batch == 1 && experts >= fused::kMinExpertsStagedSingleExample &&
-      plane <= fused::kMaxPlaneStagedSingleExample)
-    return true;
-  if (plane > fused::max_plane()) return false;
+  if (g.out_h * g.out_w > fused::max_plane()) return false;
   if (experts_staged) return true;
   if (g.batch < fused::kMinBatch) return false;
   const int64_t max_experts = pass == Pass::kForward ? fused::kMaxExperts : cpu::fused_weight_grad::kMaxExperts;

@@ -67,16 +67,6 @@ inline int64_t max_plane() {
 constexpr int64_t kMinBatch = 2;
 constexpr int64_t kMaxExperts = 16;
 
-// With the experts kept staged (condkernels.frozen_weights()) a single example on planes up to
-// 14x14 also runs faster here once there are many experts: their read, which bounds both paths,
-// overlaps the multiply-adds instead of preceding a GEMM. One-off process-alternated A/B on the
-// Intel Xeon, 2 threads, batch 1, ms, fused / mix + GEMM, three runs each: pointwise 512->512
-// @14x14 E = 32 2.36-2.68 / 3.32-3.38 (and 1.9-2.0 / 2.6-2.8 in an earlier pair), E = 16
-// 1.50-2.41 / 1.77-2.65; 3x3 256->256 @14x14 E = 32 5.4-5.8 / 6.5-7.8; pointwise 1024->1024
-// @10x10 E = 32 8.0-8.3 / 7.7-13.2. At E = 4 and 8 and at larger batches it won and lost by turns.
-constexpr int64_t kMaxPlaneStagedSingleExample = 196;
-constexpr int64_t kMinExpertsStagedSingleExample = 16;
-
 // y_b = (sum_e r[b,e] W_e) cols_b + bias_b for every example b. The layer's forward has W_e =
 // weight[e] (Cout, K); the gradient of its im2col columns, dcols_b = W_b^T dy_b, is the same
 // problem with the experts read transposed (weight_transposed: out_channels = the layer's K,
