@@ -8,6 +8,8 @@ from typing import Callable, Optional
 
 import torch
 
+import condkernels
+
 # Method names shared by every suite (and the report's columns, in this order).
 STATIC, NAIVE, GROUPED, LOOP = "static", "naive", "grouped", "loop"
 
@@ -35,8 +37,24 @@ def is_ours(method: str) -> bool:
     return method.startswith("condkernels:")
 
 
+# The CPU op inside condkernels.frozen_weights() around each call, its kept copies reused between
+# calls (as by a server that enters it per request): inference with fixed weights.
+FROZEN = ours("cpu", "frozen")
+
+
+def in_frozen_weights(fn):
+    def call(*args, **kwargs):
+        with condkernels.frozen_weights():
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def ours_method(methods) -> str | None:
-    """The backend judged against the targets: cpu on the CPU, else cuda, else triton."""
+    """The backend judged against the targets: on the CPU cpu frozen where it was timed (inference
+    with fixed weights), else cpu; else cuda, else triton."""
+    if FROZEN in methods:
+        return FROZEN
     for backend in ("cpu", "cuda", "triton"):
         if ours(backend) in methods:
             return ours(backend)

@@ -14,7 +14,8 @@ import condkernels
 
 from . import competitors
 from .cases import (
-    GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, no_grad_call, ours, ours_method, with_env,
+    FROZEN, GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, in_frozen_weights, no_grad_call, ours,
+    ours_method, with_env,
 )
 from .results import (
     Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
@@ -50,19 +51,6 @@ def configurations(full: bool):
     if full:
         return [(s, b, e, MODES) for s in SHAPES for b in FULL_BATCHES for e in FULL_EXPERTS]
     return QUICK
-
-
-# Inference with the weights fixed: condkernels.frozen_weights() around each call, its copies kept
-# between them (as for a server entering it per request). Judged against the inference targets.
-FROZEN = ours("cpu", "frozen")
-
-
-def in_frozen_weights(fn):
-    def call(*args, **kwargs):
-        with condkernels.frozen_weights():
-            return fn(*args, **kwargs)
-
-    return call
 
 
 def _functions(cfg, mode: str = "inference") -> dict:
@@ -128,7 +116,7 @@ def cases(cfg) -> list[Case]:
 def judge(case: dict[str, dict]) -> dict:
     """The target quantities of one case (a {method: row})."""
     any_row = next(iter(case.values()))
-    method = FROZEN if FROZEN in case else ours_method(case)
+    method = ours_method(case)
     t, static, grouped = ms(case.get(method)), ms(case.get(STATIC)), ms(case.get(GROUPED))
     read_ms = any_row["expert_bytes"] / (any_row["bandwidth_gb_s"] * 1e9) * 1e3
     floor = static + read_ms if static is not None else None

@@ -18,14 +18,12 @@ from condkernels import models as ck_models
 from condkernels.utils import set_gate_density
 
 from . import competitors
-from .cases import GROUPED, LOOP, NAIVE, STATIC, Case, ours, ours_method
+from .cases import FROZEN, GROUPED, LOOP, NAIVE, STATIC, Case, in_frozen_weights, ours, ours_method
 from .results import Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, yes_no
 
 SUITE = "models"
 RESOLUTION = 224
 MOBILENET_WIDTH = 0.5
-# The CondConv network inside condkernels.frozen_weights(), as deployed with fixed weights.
-FROZEN = ours("cpu", "frozen")
 CC_EXPERTS = (8, 32)
 BAS_DENSITY = 0.5
 
@@ -56,13 +54,7 @@ def _network_calls(cfg, model, static_model, replace: str) -> dict:
     for backend in competitors.own_backends(cfg.device):
         calls[ours(backend)] = run(model, competitors.ops_replaced(**{replace: competitors.with_backend(op, backend)}))
     if replace == "cond" and cfg.device.type == "cpu":
-        shipped = calls[ours("cpu")]
-
-        def frozen():
-            with condkernels.frozen_weights():
-                return shipped()
-
-        calls[FROZEN] = frozen
+        calls[FROZEN] = in_frozen_weights(calls[ours("cpu")])
     return calls
 
 
@@ -142,7 +134,7 @@ def report(rows: list[dict]) -> tuple[list[str], list[Target]]:
     cc_met, bas_met, notes = [], [], []
     for name, case in cases.items():
         any_row = next(iter(case.values()))
-        method = FROZEN if FROZEN in case else ours_method(case)
+        method = ours_method(case)
         t, static = ms(case.get(method)), ms(case.get(STATIC))
         roof = any_row["floor_ms"]
         if any_row["op"] == "resnet34_bas":

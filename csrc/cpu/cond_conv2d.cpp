@@ -33,8 +33,8 @@
 #include <cstring>
 
 #include "cpu/depthwise.h"
-#include "cpu/fused_mix_gemm.h"
 #include "cpu/frozen_weights.h"
+#include "cpu/fused_mix_gemm.h"
 #include "cpu/fused_weight_grad.h"
 #include "cpu/im2col.h"
 #include "cpu/library_conv.h"
@@ -208,8 +208,12 @@ at::Tensor mix_tile(const at::Tensor& routing, const at::Tensor& weight_flat, co
 // (one-off process-alternated A/B on the Intel Xeon, 2 threads, ms, fused / mix + GEMM, both inside
 // frozen_weights()): 3x3 512->512 @7x7 B = 1 E = 4 4.1 / 5.0-6.8, E = 8 4.1-4.4 / 6.4-8.5, B = 8
 // E = 32 27-37 / 47-49; pointwise 2048->512 B = 1 E = 8 2.3 / 3.7-3.9, B = 8 E = 32 11-14 / 17-19
-// (ties at B = 1 E = 32, bound by the experts' read). Past the plane limit it stays off: pointwise
-// 512 @14x14 on the Xeon won at B <= 8 with E = 32 but lost at B = 32 E = 32 (33-46 / 29-35).
+// (ties at B = 1 E = 32, bound by the experts' read). Past the plane limit it stays off: on the
+// Xeon's pointwise 512 @14x14 it won at B = 1 E = 32 with one layer timed alone (2.4-2.7 /
+// 3.3-3.4) but tied in the benchmark's interleaved rounds, where other calls evict the L3 (`--suite
+// condconv --full --filter "@14x14 (MobileNetV1)" --filter pointwise --filter inference` with it
+// taken there: 2.35 / 2.29), won and lost by turns at B = 8 and 16, and lost at B = 32 E = 32
+// (33-46 / 29-35).
 enum class Pass { kForward, kBackward };
 
 bool use_fused_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Tensor& x, int64_t experts, Pass pass,

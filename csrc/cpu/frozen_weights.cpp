@@ -90,7 +90,8 @@ void exit_frozen_weights() {
 
 bool keeps_frozen_copy(const at::Tensor& weight) { return frozen_depth > 0 && !weight.is_inference(); }
 
-at::Tensor frozen_copy(const at::Tensor& weight, int kind, const std::function<at::Tensor(const at::Tensor&)>& prepare) {
+at::Tensor frozen_copy(const at::Tensor& weight, int kind,
+                       const std::function<at::Tensor(const at::Tensor&)>& prepare) {
   if (!keeps_frozen_copy(weight)) return at::Tensor();
   return FrozenCopies::instance().get(weight, kind, prepare);
 }

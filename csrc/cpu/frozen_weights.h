@@ -2,8 +2,9 @@
 //
 // cond_conv2d's fused small-plane kernel reads every expert through a transposed staging copy
 // (cpu/fused_mix_gemm.h): the transposition, and the short rows it reads 4 K bytes apart (18 KB at
-// K = 4608, so they crowd a few cache sets), cost it a fifth to a third of its time. A weight that does not change between calls can be put in the
-// staged layout once and read from there as it lies. Within condkernels.frozen_weights() the CPU
+// K = 4608, so they crowd a few cache sets), cost it a fifth to a third of its time. A weight that
+// does not change between calls can be put in the staged layout once and read from there as it
+// lies. Within condkernels.frozen_weights() the CPU
 // kernels keep such copies, made on first use and reused while the weight keeps its storage, data
 // pointer, shape and version (so in-place updates through PyTorch ops are seen; writes that bypass
 // the version counter, through `.data` or NumPy, are not: that is the caller's promise). A copy
@@ -25,7 +26,8 @@ bool keeps_frozen_copy(const at::Tensor& weight);
 
 // The copy of `weight` that `prepare` makes (a function of the weight's values alone, told apart by
 // `kind`), made now or kept from an earlier call; undefined where keeps_frozen_copy(weight) is not.
-at::Tensor frozen_copy(const at::Tensor& weight, int kind, const std::function<at::Tensor(const at::Tensor&)>& prepare);
+at::Tensor frozen_copy(const at::Tensor& weight, int kind,
+                       const std::function<at::Tensor(const at::Tensor&)>& prepare);
 
 // Frees every kept copy; returns the bytes released.
 int64_t empty_frozen_copies();

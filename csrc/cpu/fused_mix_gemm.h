@@ -43,7 +43,8 @@ inline int64_t staged_rows(int64_t experts) {
 
 // When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to max_plane()
 // output pixels, at least kMinBatch examples, and at most kMaxExperts experts or at least as many
-// examples as experts. From
+// examples as experts (any batch and E when the experts are kept staged, Problem::staged_weight).
+// From
 // `python -m condkernels.bench --suite condconv --full --paths --threads 1 --rounds 3 --filter ...`
 // on the 2-core Intel Xeon (AVX-512), float32 inference, ms (fused=1 / fused=0): 3x3 512->512
 // @7x7, E = 8: B = 8 31.8 / 35.8, B = 32 97.4 / 145, but B = 1 7.82 / 6.19 (one example cannot
