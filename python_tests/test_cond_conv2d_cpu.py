@@ -213,6 +213,29 @@ def test_tiling_strategies_agree_with_oracle(case, channels_last, policy, monkey
     check_case(*TILING_CASES[case], channels_last=channels_last)
 
 
+# The float32 mixing kernel (cpu/mixing_kernel.h, blocks of 6 output rows x 64 or 16 columns) at
+# every place mix + GEMM mixes: the mixed weights (one row per example) in the forward and the
+# backward, and the expert gradients (one row per expert, the examples the inner dimension), added
+# to from a run's second run of examples on. Rows, experts and columns not multiples of the blocks.
+FLOAT32_MIXING_CASES = {
+    "batch9_E7": MIX_GEMM["batch9_E7"],  # 9 rows: blocks of 6 and 3; 108 columns per group tile
+    "large_E": MIX_GEMM["large_E"],  # 48 gradient rows over 6 examples
+    "pointwise_grouped": MIX_GEMM["pointwise_grouped"],  # 3 columns per group and tile
+    "batch1": TILING_CASES["batch1_split"],  # gradient rows over one example
+    # 6.6 MiB of float32 columns per example: runs of two, the second adds to the expert gradient.
+    "runs_of_two": (3, 48, 9, 5, 3, (62, 62), 1, True, (1, 1), (1, 1, 1, 1), (1, 1)),
+}
+
+
+@pytest.mark.parametrize("policy", ["whole", "tiled"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", list(FLOAT32_MIXING_CASES), ids=list(FLOAT32_MIXING_CASES))
+def test_float32_mixing_kernel(case, channels_last, policy, vector_isa, monkeypatch):
+    monkeypatch.setenv(FUSED_ENV, "0")
+    monkeypatch.setenv(TILING_ENV, policy)
+    check_case(*FLOAT32_MIXING_CASES[case], channels_last=channels_last, dtype=torch.float32, tol=2e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize(
     "case", ["depthwise:k3", "depthwise:asymmetric_pad", "mix:pointwise", "mix:dense_k3", "mix:grouped_k3"]

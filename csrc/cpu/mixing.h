@@ -2,7 +2,8 @@
 // columns of the flattened experts (and, in the backward, the same with routing transposed, and the
 // matching dot products). A GEMM with a tiny inner dimension (E) and a huge N, which BLAS
 // libraries run far below the bandwidth it needs; here each block of expert columns is read once
-// from memory and reused from cache for every example, four experts and four examples per pass
+// from memory and reused from cache for every example: in float32 on AVX-512 and AVX2 CPUs by a
+// register-blocked kernel (cpu/mixing_kernel.h), otherwise four experts and four examples per pass
 // over a block.
 #pragma once
 
@@ -17,6 +18,7 @@
 #define CONDKERNELS_STREAMING_STORES 1
 #endif
 
+#include "cpu/cpu_features.h"
 #include "cpu/row_kernels.h"
 
 namespace condkernels::mixing {
@@ -87,6 +89,64 @@ void mix_block(const A* r, const T* w, int64_t ld, int64_t experts, int64_t b0, 
   }
 }
 
+// The float32 kernel of a block (cpu/mixing_kernel.h), compiled once per instruction set:
+// out[b * out_ld + c] (=|+=) sum_e r[b * experts + e] * w[e * ld + c] for b < n_out, c < nc <=
+// kColumnBlock, with `packed` (64-byte aligned, experts * kColumnBlock floats) for the packed experts.
+using MixBlockF32 = void (*)(const float* r, int64_t n_out, const float* w, int64_t ld, int64_t experts,
+                             int64_t nc, float* out, int64_t out_ld, Write write, float* packed);
+void mix_block_f32_avx512(const float* r, int64_t n_out, const float* w, int64_t ld, int64_t experts,
+                          int64_t nc, float* out, int64_t out_ld, Write write, float* packed);
+void mix_block_f32_avx2(const float* r, int64_t n_out, const float* w, int64_t ld, int64_t experts,
+                        int64_t nc, float* out, int64_t out_ld, Write write, float* packed);
+
+// Mixes blocks of columns for n_out output rows with one thread's buffers: the vector kernel where
+// it runs (float32, an AVX-512 or AVX2 CPU, two or more output rows: a single row is bound by
+// reading the experts, and packing them would only add a pass), else the generic loop.
+template <typename A, typename T>
+class BlockMixer {
+ public:
+  BlockMixer(const A* r, const T* w, int64_t ld, int64_t experts, int64_t n_out)
+      : r_(r), w_(w), ld_(ld), experts_(experts), n_out_(n_out), kernel_(vector_kernel(n_out)) {
+    if (kernel_) {
+      packed_.resize(experts * kColumnBlock + 16);
+      packed_start_ = packed_.data() + (16 - reinterpret_cast<uintptr_t>(packed_.data()) / sizeof(float) % 16) % 16;
+    } else {
+      acc_.resize(4 * kColumnBlock);
+    }
+  }
+
+  // out rows [0, n_out) over columns [c0, c0 + nc).
+  void mix(int64_t c0, int64_t nc, T* out, int64_t out_ld, Write write) {
+    if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+      if (kernel_) return kernel_(r_, n_out_, w_ + c0, ld_, experts_, nc, out + c0, out_ld, write, packed_start_);
+    }
+    int64_t b = 0;
+    for (; b + 4 <= n_out_; b += 4) mix_block<4>(r_, w_, ld_, experts_, b, c0, nc, out_ld, write, acc_.data(), out);
+    for (; b < n_out_; ++b) mix_block<1>(r_, w_, ld_, experts_, b, c0, nc, out_ld, write, acc_.data(), out);
+  }
+
+ private:
+  static MixBlockF32 vector_kernel(int64_t n_out) {
+    if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+      if (n_out < 2) return nullptr;
+      switch (cpu::vector_isa()) {
+        case cpu::VectorIsa::kAvx512: return mix_block_f32_avx512;
+        case cpu::VectorIsa::kAvx2: return mix_block_f32_avx2;
+        default: return nullptr;
+      }
+    }
+    return nullptr;
+  }
+
+  const A* r_;
+  const T* w_;
+  int64_t ld_, experts_, n_out_;
+  MixBlockF32 kernel_;
+  std::vector<A> acc_;
+  std::vector<float> packed_;
+  float* packed_start_ = nullptr;
+};
+
 // Coefficients coef(b, e) = coefs[b * cs0 + e * cs1] (so a transposed routing is a stride swap) of
 // n_out rows, dense and in the accumulation type.
 template <typename A, typename T>
@@ -95,15 +155,6 @@ std::vector<A> dense_coefficients(const T* coefs, int64_t cs0, int64_t cs1, int6
   for (int64_t b = 0; b < n_out; ++b)
     for (int64_t e = 0; e < experts; ++e) r[b * experts + e] = static_cast<A>(coefs[b * cs0 + e * cs1]);
   return r;
-}
-
-// Every output row of one block of columns [c0, c0 + nc), four rows per pass.
-template <typename A, typename T>
-void mix_rows(const A* r, const T* w, int64_t ld, int64_t experts, int64_t n_out, int64_t c0, int64_t nc,
-              T* out, int64_t out_ld, Write write, A* acc) {
-  int64_t b = 0;
-  for (; b + 4 <= n_out; b += 4) mix_block<4>(r, w, ld, experts, b, c0, nc, out_ld, write, acc, out);
-  for (; b < n_out; ++b) mix_block<1>(r, w, ld, experts, b, c0, nc, out_ld, write, acc, out);
 }
 
 // part[b * experts + e] = <a[b, c0 : c0 + nc], w[e, c0 : c0 + nc]>, four rows of `a` and two
@@ -149,10 +200,10 @@ void mix_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, int64_t l
                  int64_t n_out, int64_t n_cols, T* out, int64_t out_ld, Write write) {
   const std::vector<A> r = dense_coefficients<A>(coefs, cs0, cs1, n_out, experts);
   at::parallel_for(0, column_blocks(n_cols), 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(4 * kColumnBlock);
+    BlockMixer<A, T> mixer(r.data(), w, ld, experts, n_out);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      mix_rows(r.data(), w, ld, experts, n_out, c0, nc, out, out_ld, write, acc.data());
+      mixer.mix(c0, nc, out, out_ld, write);
     }
     if (write == Write::kStream) finish_streaming();
   });
@@ -187,10 +238,10 @@ void mix_and_dot_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, i
   const int64_t n_blocks = column_blocks(n_cols);
   std::vector<A> partial(n_blocks * n_rows * experts);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(4 * kColumnBlock);
+    BlockMixer<A, T> mixer(r.data(), w, ld, experts, n_rows);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      mix_rows(r.data(), w, ld, experts, n_rows, c0, nc, mixed, mixed_ld, Write::kStore, acc.data());
+      mixer.mix(c0, nc, mixed, mixed_ld, Write::kStore);
       dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
     }
   });

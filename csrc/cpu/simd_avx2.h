@@ -43,6 +43,7 @@ struct Avx2 {
   static Vec loadu(const float* p) { return _mm256_loadu_ps(p); }
   static Vec load_first(const float* p, int n) { return _mm256_maskload_ps(p, lane_vector(first_lanes(n))); }
   static void store(float* p, Vec v) { _mm256_store_ps(p, v); }
+  static void storeu(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static void stream(float* p, Vec v) { _mm256_stream_ps(p, v); }  // past the caches; 32-byte aligned
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }

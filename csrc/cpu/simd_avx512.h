@@ -21,6 +21,7 @@ struct Avx512 {
   static Vec loadu(const float* p) { return _mm512_loadu_ps(p); }
   static Vec load_first(const float* p, int n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
   static void store(float* p, Vec v) { _mm512_store_ps(p, v); }
+  static void storeu(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static void stream(float* p, Vec v) { _mm512_stream_ps(p, v); }  // past the caches; 64-byte aligned
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
