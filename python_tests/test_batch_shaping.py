@@ -142,6 +142,23 @@ def test_large_batch_path_matches_oracle():
     np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-9, atol=1e-15)
 
 
+# float32 columns of up to 256 values are sorted by a bitonic network on AVX-512 CPUs
+# (csrc/cpu/small_sort.h), padded to a power of two; longer ones and other CPUs take the radix sort.
+# Ties must keep batch order either way (the oracle's stable sort), and the two sorts agree bit for bit.
+@pytest.mark.parametrize("kind", ["random", "ties", "sorted", "reversed"])
+@pytest.mark.parametrize("n", [2, 3, 8, 9, 16, 17, 100, 255, 256, 257])
+def test_float32_column_sorts(n, kind, vector_isa, monkeypatch):
+    gates = gates_like(n, (5,), seed=n, dtype=torch.float32, kind=kind)
+    gates[n // 2, 1] = gates[0, 1]  # a tie in every kind
+    loss, grad = run(gates, "cpu", "cpu")
+    want_loss, want_grad = oracle(gates.double().numpy())
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    np.testing.assert_allclose(grad.double().numpy(), want_grad, rtol=1e-4, atol=1e-7)
+    monkeypatch.setenv("CONDKERNELS_CPU_ISA", "none")  # the radix sort
+    radix_loss, radix_grad = run(gates, "cpu", "cpu")
+    assert torch.equal(loss, radix_loss) and torch.equal(grad, radix_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("alpha,beta", [(0.6, 0.4), (2.0, 5.0)])
 def test_many_gates_table_path_matches_oracle(dtype, alpha, beta):

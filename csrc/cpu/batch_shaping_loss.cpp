@@ -1,11 +1,11 @@
 // CPU kernel of batch_shaping_loss.
 //
 // Gates arrive as (N, G) (dims 1.. flattened). Each task owns a run of gate columns and, per
-// column, does everything in cache: gather the N values, radix-sort them with their batch rows,
-// evaluate the prior's CDF and density on the sorted values, and write the loss of the column and
-// the gradient of every sorted position at its value's batch row. The backward (a multiply by the
-// incoming gradient) needs no kernel. With few columns and a large batch the work is split inside
-// each column instead.
+// column, does everything in cache: gather the N values, sort them with their batch rows (radix,
+// or a bitonic network for short float columns on AVX-512 CPUs), evaluate the prior's CDF and
+// density on the sorted values, and write the loss of the column and the gradient of every sorted
+// position at its value's batch row. The backward (a multiply by the incoming gradient) needs no
+// kernel. With few columns and a large batch the work is split inside each column instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,6 +20,7 @@
 #include "common/sort_key.h"
 #include "cpu/beta_cdf_block.h"
 #include "cpu/parallel.h"
+#include "cpu/small_sort.h"
 #include "ops/batch_shaping_loss.h"
 
 namespace condkernels {
@@ -84,10 +85,18 @@ void radix_sort_columns(int64_t n, Key** keys, int32_t** rows, Key** key_tmp, in
 }
 
 // The same for 32-bit keys, packed with their rows as (key << 32 | row): a pass moves one word per
-// value instead of two.
+// value instead of two. Columns of up to kMaxSmallSort values go through the bitonic network of
+// cpu/small_sort.h instead where the CPU has it: the items are distinct (their rows differ), so any
+// ascending sort of them is this one.
 template <int K>
 void radix_sort_packed(int64_t n, uint64_t** items, uint64_t** item_tmp, std::vector<int64_t>& count_buf) {
   if (n <= 1) return;
+  if (n <= cpu::kMaxSmallSort) {
+    if (const cpu::SmallSort small_sort = cpu::small_sort_kernel()) {  // the same order, by a network
+      for (int c = 0; c < K; ++c) small_sort(items[c], n);
+      return;
+    }
+  }
   count_buf.assign(static_cast<size_t>(K) * 4 * 256, 0);
   int64_t* count = count_buf.data();
   for (int64_t i = 0; i < n; ++i) {
