@@ -233,7 +233,23 @@ FLOAT32_MIXING_CASES = {
 def test_float32_mixing_kernel(case, channels_last, policy, vector_isa, monkeypatch):
     monkeypatch.setenv(FUSED_ENV, "0")
     monkeypatch.setenv(TILING_ENV, policy)
-    check_case(*FLOAT32_MIXING_CASES[case], channels_last=channels_last, dtype=torch.float32, tol=2e-5)
+    args = FLOAT32_MIXING_CASES[case]
+    check_case(*args, channels_last=channels_last, dtype=torch.float32, tol=2e-5)
+    # Without grad_x the routing gradient's dot products run alone (mixing::dot_columns), not in
+    # the pass that mixes for the column gradients.
+    batch, cin, cout, experts, k, hw, groups, bias, stride, pad4, dilation = args
+    x, r, w, b = make_inputs(batch, cin, cout, experts, k, hw, groups, bias, dtype=torch.float32, seed=3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = (list(stride), list(pad4), list(dilation), groups)
+    y = OP(x, r, w, b, *conv)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _, want = oracle_with_grads(x, r, w, b, stride, pad4, dilation, groups, grad_out)
+    grads = BACKWARD(grad_out, x, r, w, b, *conv, [False, True, True, False])
+    for name, got, ref in (("routing", grads[1], want[1]), ("weight", grads[2], want[2])):
+        err = (got.double() - ref).abs().max().item()
+        assert err <= 2e-5 * max(ref.abs().max().item(), 1.0), (name, err)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])

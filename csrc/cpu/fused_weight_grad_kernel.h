@@ -82,15 +82,6 @@ inline void product(const float* col, int64_t P, const float* dy_t, int64_t kc, 
   }
 }
 
-template <class Isa>
-inline float lane_sum(typename Isa::Vec v) {
-  alignas(64) float lanes[Isa::kLanes];
-  Isa::store(lanes, v);
-  float s = 0.0f;
-  for (int i = 0; i < Isa::kLanes; ++i) s += lanes[i];
-  return s;
-}
-
 // For the N examples' pieces (kKc * kBlock apart) of kc rows: grad[e] += sum_i r[i][e] piece_i and
 // dr[i][e] += <piece_i, staged[e]>, every expert e; grad and staged hold E pieces expert_stride
 // apart, r the routing weights repeated over a vector's lanes. Each loaded piece vector serves both
@@ -121,7 +112,7 @@ inline void fold(const float* pieces, int64_t kc, const float* staged, float* gr
       }
     }
     if (want_dr)
-      for (int i = 0; i < N; ++i) dr[i * experts + e] += lane_sum<Isa>(d[i]);
+      for (int i = 0; i < N; ++i) dr[i * experts + e] += Isa::sum(d[i]);
   }
 }
 

@@ -99,6 +99,30 @@ void mix_block_f32_avx512(const float* r, int64_t n_out, const float* w, int64_t
 void mix_block_f32_avx2(const float* r, int64_t n_out, const float* w, int64_t ld, int64_t experts,
                         int64_t nc, float* out, int64_t out_ld, Write write, float* packed);
 
+// The float32 kernel of dot_block (cpu/mixing_kernel.h), one per instruction set:
+// part[b * experts + e] = <a[b * a_ld + c], w[e * ld + c]> over c < nc.
+using DotRowsF32 = void (*)(const float* a, int64_t a_ld, int64_t n_rows, const float* w, int64_t ld,
+                            int64_t experts, int64_t nc, float* part);
+void dot_rows_f32_avx512(const float* a, int64_t a_ld, int64_t n_rows, const float* w, int64_t ld,
+                         int64_t experts, int64_t nc, float* part);
+void dot_rows_f32_avx2(const float* a, int64_t a_ld, int64_t n_rows, const float* w, int64_t ld,
+                       int64_t experts, int64_t nc, float* part);
+
+// The vector dot kernel where it runs (float32, an AVX-512 or AVX2 CPU, two or more rows: one
+// row's dots are bound by reading the experts), else null.
+template <typename A, typename T>
+DotRowsF32 vector_dot_kernel(int64_t n_rows) {
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+    if (n_rows < 2) return nullptr;
+    switch (cpu::vector_isa()) {
+      case cpu::VectorIsa::kAvx512: return dot_rows_f32_avx512;
+      case cpu::VectorIsa::kAvx2: return dot_rows_f32_avx2;
+      default: return nullptr;
+    }
+  }
+  return nullptr;
+}
+
 // Mixes blocks of columns for n_out output rows with one thread's buffers: the vector kernel where
 // it runs (float32, an AVX-512 or AVX2 CPU, two or more output rows: a single row is bound by
 // reading the experts, and packing them would only add a pass), else the generic loop.
@@ -157,11 +181,14 @@ std::vector<A> dense_coefficients(const T* coefs, int64_t cs0, int64_t cs1, int6
   return r;
 }
 
-// part[b * experts + e] = <a[b, c0 : c0 + nc], w[e, c0 : c0 + nc]>, four rows of `a` and two
-// experts per pass.
+// part[b * experts + e] = <a[b, c0 : c0 + nc], w[e, c0 : c0 + nc]>: by `kernel` where given (see
+// vector_dot_kernel), else four rows of `a` and two experts per pass.
 template <typename A, typename T>
 void dot_block(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t ld, int64_t experts, int64_t c0,
-               int64_t nc, A* part) {
+               int64_t nc, A* part, DotRowsF32 kernel = nullptr) {
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+    if (kernel) return kernel(a + c0, a_ld, n_rows, w + c0, ld, experts, nc, part);
+  }
   A dots[8];
   int64_t b = 0;
   for (; b + 4 <= n_rows; b += 4) {
@@ -216,10 +243,11 @@ void dot_columns(const T* a, int64_t a_ld, int64_t n_rows, const T* w, int64_t l
                  int64_t n_cols, T* out, bool accumulate) {
   const int64_t n_blocks = column_blocks(n_cols);
   std::vector<A> partial(n_blocks * n_rows * experts);
+  const DotRowsF32 kernel = vector_dot_kernel<A, T>(n_rows);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
-      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
+      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts, kernel);
     }
   });
   sum_blocks(partial, n_blocks, n_rows * experts, out, accumulate);
@@ -237,12 +265,13 @@ void mix_and_dot_columns(const T* coefs, int64_t cs0, int64_t cs1, const T* w, i
   const std::vector<A> r = dense_coefficients<A>(coefs, cs0, cs1, n_rows, experts);
   const int64_t n_blocks = column_blocks(n_cols);
   std::vector<A> partial(n_blocks * n_rows * experts);
+  const DotRowsF32 kernel = vector_dot_kernel<A, T>(n_rows);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     BlockMixer<A, T> mixer(r.data(), w, ld, experts, n_rows);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kColumnBlock, nc = std::min(kColumnBlock, n_cols - c0);
       mixer.mix(c0, nc, mixed, mixed_ld, Write::kStore);
-      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts);
+      dot_block(a, a_ld, n_rows, w, ld, experts, c0, nc, partial.data() + blk * n_rows * experts, kernel);
     }
   });
   sum_blocks(partial, n_blocks, n_rows * experts, dots, accumulate_dots);

@@ -125,4 +125,72 @@ inline void mix_block(const float* r, int64_t n_out, const float* w, int64_t ld,
   }
 }
 
+// The routing gradient's dot products, part[b * experts + e] = <a[b * a_ld + c], w[e * ld + c]>
+// over c < nc, for b < n_rows, e < experts: blocks of rows x kDotExperts experts of accumulator
+// vectors, each loaded vector used R or kDotExperts times, over runs of kDotColumns columns whose
+// block of rows stays in L1 while every block of experts passes. (The generic rows::dot_rows4x2
+// re-reads four rows of `a` for every two experts, from L2 once they and the expert rows pass the
+// L1's size.)
+template <class Isa>
+constexpr int kDotRows = Isa::kRegisters == 32 ? 5 : 2;  // 5 x 4 + 5 + 1 of 32; 2 x 4 + 2 + 1 of 16
+constexpr int kDotExperts = 4;
+constexpr int64_t kDotColumns = 512;
+
+template <class Isa, int R>
+inline void dot_row_block(const float* a, int64_t a_ld, const float* w, int64_t ld, int64_t experts, int64_t nc,
+                          float* part, bool accumulate) {
+  constexpr int W = Isa::kLanes, Q = kDotExperts;
+  const int64_t full = nc / W * W;
+  const int tail = static_cast<int>(nc - full);
+  for (int64_t e0 = 0; e0 < experts; e0 += Q) {
+    const float* wr[Q];
+    for (int q = 0; q < Q; ++q) wr[q] = w + std::min<int64_t>(e0 + q, experts - 1) * ld;  // past the end: unused
+    typename Isa::Vec acc[R][Q];
+#pragma GCC unroll 5
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) acc[i][q] = Isa::zero();
+    auto step = [&](int64_t c, int lanes) {
+      typename Isa::Vec av[R];
+#pragma GCC unroll 5
+      for (int i = 0; i < R; ++i) av[i] = lanes == W ? Isa::loadu(a + i * a_ld + c) : Isa::load_first(a + i * a_ld + c, lanes);
+#pragma GCC unroll 4
+      for (int q = 0; q < Q; ++q) {
+        const auto wv = lanes == W ? Isa::loadu(wr[q] + c) : Isa::load_first(wr[q] + c, lanes);
+#pragma GCC unroll 5
+        for (int i = 0; i < R; ++i) acc[i][q] = Isa::fmadd(av[i], wv, acc[i][q]);
+      }
+    };
+    for (int64_t c = 0; c < full; c += W) step(c, W);
+    if (tail > 0) step(full, tail);
+    for (int i = 0; i < R; ++i)
+      for (int q = 0; q < Q && e0 + q < experts; ++q) {
+        float& out = part[i * experts + e0 + q];
+        out = accumulate ? out + Isa::sum(acc[i][q]) : Isa::sum(acc[i][q]);
+      }
+  }
+}
+
+template <class Isa>
+inline void dot_rows(const float* a, int64_t a_ld, int64_t n_rows, const float* w, int64_t ld, int64_t experts,
+                     int64_t nc, float* part) {
+  static_assert(kDotRows<Isa> <= 5, "one case per block height");
+  for (int64_t c0 = 0; c0 < nc; c0 += kDotColumns) {
+    const int64_t cols = std::min(kDotColumns, nc - c0);
+    const bool accumulate = c0 > 0;
+    for (int64_t b = 0; b < n_rows; b += kDotRows<Isa>) {
+      const float* ab = a + b * a_ld + c0;
+      const float* wc = w + c0;
+      float* pb = part + b * experts;
+      switch (std::min<int64_t>(kDotRows<Isa>, n_rows - b)) {
+        case 1: dot_row_block<Isa, 1>(ab, a_ld, wc, ld, experts, cols, pb, accumulate); break;
+        case 2: dot_row_block<Isa, 2>(ab, a_ld, wc, ld, experts, cols, pb, accumulate); break;
+        case 3: dot_row_block<Isa, 3>(ab, a_ld, wc, ld, experts, cols, pb, accumulate); break;
+        case 4: dot_row_block<Isa, 4>(ab, a_ld, wc, ld, experts, cols, pb, accumulate); break;
+        default: dot_row_block<Isa, 5>(ab, a_ld, wc, ld, experts, cols, pb, accumulate); break;
+      }
+    }
+  }
+}
+
 }  // namespace condkernels::cpu::mixing_kernel
