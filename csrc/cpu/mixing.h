@@ -108,17 +108,22 @@ void dot_rows_f32_avx512(const float* a, int64_t a_ld, int64_t n_rows, const flo
 void dot_rows_f32_avx2(const float* a, int64_t a_ld, int64_t n_rows, const float* w, int64_t ld,
                        int64_t experts, int64_t nc, float* part);
 
+// Of a kernel's builds, the one for the CPU's instruction set (cpu::vector_isa()), or null.
+template <typename Kernel>
+Kernel for_vector_isa(Kernel avx512, Kernel avx2) {
+  switch (cpu::vector_isa()) {
+    case cpu::VectorIsa::kAvx512: return avx512;
+    case cpu::VectorIsa::kAvx2: return avx2;
+    default: return nullptr;
+  }
+}
+
 // The vector dot kernel where it runs (float32, an AVX-512 or AVX2 CPU, two or more rows: one
 // row's dots are bound by reading the experts), else null.
 template <typename A, typename T>
 DotRowsF32 vector_dot_kernel(int64_t n_rows) {
   if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
-    if (n_rows < 2) return nullptr;
-    switch (cpu::vector_isa()) {
-      case cpu::VectorIsa::kAvx512: return dot_rows_f32_avx512;
-      case cpu::VectorIsa::kAvx2: return dot_rows_f32_avx2;
-      default: return nullptr;
-    }
+    if (n_rows >= 2) return for_vector_isa<DotRowsF32>(dot_rows_f32_avx512, dot_rows_f32_avx2);
   }
   return nullptr;
 }
@@ -152,12 +157,7 @@ class BlockMixer {
  private:
   static MixBlockF32 vector_kernel(int64_t n_out) {
     if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
-      if (n_out < 2) return nullptr;
-      switch (cpu::vector_isa()) {
-        case cpu::VectorIsa::kAvx512: return mix_block_f32_avx512;
-        case cpu::VectorIsa::kAvx2: return mix_block_f32_avx2;
-        default: return nullptr;
-      }
+      if (n_out >= 2) return for_vector_isa<MixBlockF32>(mix_block_f32_avx512, mix_block_f32_avx2);
     }
     return nullptr;
   }
