@@ -77,6 +77,17 @@ inline void repeat_over_lanes(const float* r, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) std::fill_n(out + i * Isa::kLanes, Isa::kLanes, r[i]);
 }
 
+// The sum of a vector's lanes, added in lane order: the dot products of the expert-gradient fold
+// (cpu/fused_weight_grad_kernel.h) and of the routing gradient (cpu/mixing_kernel.h).
+template <class Isa>
+inline float lane_sum(typename Isa::Vec v) {
+  alignas(64) float lanes[Isa::kLanes];
+  Isa::store(lanes, v);
+  float s = 0.0f;
+  for (int i = 0; i < Isa::kLanes; ++i) s += lanes[i];
+  return s;
+}
+
 // Channel vectors mixed per pass of mix_panels: N x kMixVectors accumulators, the kMixVectors staged
 // vectors of an expert and a routing weight fit the registers (AVX-512: 16 + 4 + 1 of 32; AVX2:
 // 8 + 2 + 1 of 16).

@@ -112,7 +112,7 @@ inline void fold(const float* pieces, int64_t kc, const float* staged, float* gr
       }
     }
     if (want_dr)
-      for (int i = 0; i < N; ++i) dr[i * experts + e] += Isa::sum(d[i]);
+      for (int i = 0; i < N; ++i) dr[i * experts + e] += fused_mix_gemm::lane_sum<Isa>(d[i]);
   }
 }
 

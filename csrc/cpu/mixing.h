@@ -20,6 +20,7 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/row_kernels.h"
+#include "cpu/scratch_pool.h"
 
 namespace condkernels::mixing {
 
@@ -128,6 +129,11 @@ DotRowsF32 vector_dot_kernel(int64_t n_rows) {
   return nullptr;
 }
 
+// The scratch-pool slot of the vector kernel's packed experts (E x kColumnBlock floats, up to MBs
+// when the examples are the inner dimension): the mixing runs inside cond_conv2d's calls, whose
+// slots are 0-8, and gated_conv2d takes 9.
+constexpr int kPackedExpertsSlot = 10;
+
 // Mixes blocks of columns for n_out output rows with one thread's buffers: the vector kernel where
 // it runs (float32, an AVX-512 or AVX2 CPU, two or more output rows: a single row is bound by
 // reading the experts, and packing them would only add a pass), else the generic loop.
@@ -136,18 +142,17 @@ class BlockMixer {
  public:
   BlockMixer(const A* r, const T* w, int64_t ld, int64_t experts, int64_t n_out)
       : r_(r), w_(w), ld_(ld), experts_(experts), n_out_(n_out), kernel_(vector_kernel(n_out)) {
-    if (kernel_) {
-      packed_.resize(experts * kColumnBlock + 16);
-      packed_start_ = packed_.data() + (16 - reinterpret_cast<uintptr_t>(packed_.data()) / sizeof(float) % 16) % 16;
-    } else {
+    if (kernel_)
+      packed_ = static_cast<float*>(cpu::ScratchPool::of_this_thread().get(
+          kPackedExpertsSlot, static_cast<size_t>(experts * kColumnBlock) * sizeof(float)));
+    else
       acc_.resize(4 * kColumnBlock);
-    }
   }
 
   // out rows [0, n_out) over columns [c0, c0 + nc).
   void mix(int64_t c0, int64_t nc, T* out, int64_t out_ld, Write write) {
     if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
-      if (kernel_) return kernel_(r_, n_out_, w_ + c0, ld_, experts_, nc, out + c0, out_ld, write, packed_start_);
+      if (kernel_) return kernel_(r_, n_out_, w_ + c0, ld_, experts_, nc, out + c0, out_ld, write, packed_);
     }
     int64_t b = 0;
     for (; b + 4 <= n_out_; b += 4) mix_block<4>(r_, w_, ld_, experts_, b, c0, nc, out_ld, write, acc_.data(), out);
@@ -167,8 +172,7 @@ class BlockMixer {
   int64_t ld_, experts_, n_out_;
   MixBlockF32 kernel_;
   std::vector<A> acc_;
-  std::vector<float> packed_;
-  float* packed_start_ = nullptr;
+  float* packed_ = nullptr;  // the thread's pool: valid until it next asks for the slot
 };
 
 // Coefficients coef(b, e) = coefs[b * cs0 + e * cs1] (so a transposed routing is a stride swap) of

@@ -18,14 +18,16 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/fused_mix_gemm_kernel.h"
 #include "cpu/mixing.h"
 
 namespace condkernels::cpu::mixing_kernel {
 
-// Vectors of columns per chunk: the N x kVectors accumulators, the chunk's kVectors expert vectors
-// and a coefficient fit the registers (AVX-512: 6 x 4 + 4 + 1 of 32; AVX2: 6 x 2 + 2 + 1 of 16).
+// Vectors of columns per chunk, as many as mix_panels mixes per pass (cpu/fused_mix_gemm_kernel.h):
+// the kMaxRows x kVectors accumulators, the chunk's kVectors expert vectors and a coefficient fit
+// the registers (AVX-512: 6 x 4 + 4 + 1 of 32; AVX2: 6 x 2 + 2 + 1 of 16).
 template <class Isa>
-constexpr int kVectors = Isa::kRegisters == 32 ? 4 : 2;
+constexpr int kVectors = fused_mix_gemm::kMixVectors<Isa>;
 template <class Isa>
 constexpr int64_t kChunk = kVectors<Isa> * Isa::kLanes;
 constexpr int kMaxRows = 6;
@@ -165,8 +167,9 @@ inline void dot_row_block(const float* a, int64_t a_ld, const float* w, int64_t 
     if (tail > 0) step(full, tail);
     for (int i = 0; i < R; ++i)
       for (int q = 0; q < Q && e0 + q < experts; ++q) {
+        const float sum = fused_mix_gemm::lane_sum<Isa>(acc[i][q]);
         float& out = part[i * experts + e0 + q];
-        out = accumulate ? out + Isa::sum(acc[i][q]) : Isa::sum(acc[i][q]);
+        out = accumulate ? out + sum : sum;
       }
   }
 }

@@ -34,7 +34,7 @@ class ScratchPool {
     thread_local ScratchPool pool;
     return pool;
   }
-  static constexpr int kSlots = 10;
+  static constexpr int kSlots = 11;
 
  private:
   static size_t round_up_bytes(size_t n) { return std::max<size_t>(64, (n + 63) / 64 * 64); }

@@ -48,14 +48,6 @@ struct Avx2 {
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-  // The sum of the lanes, added in lane order.
-  static float sum(Vec v) {
-    alignas(32) float lanes[kLanes];
-    store(lanes, v);
-    float s = 0.0f;
-    for (int i = 0; i < kLanes; ++i) s += lanes[i];
-    return s;
-  }
 
   static Mask all_lanes() { return 0xFFu; }
   static Mask first_lanes(int n) { return n >= 8 ? all_lanes() : (1u << n) - 1u; }

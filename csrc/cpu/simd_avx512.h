@@ -26,14 +26,6 @@ struct Avx512 {
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-  // The sum of the lanes, added in lane order.
-  static float sum(Vec v) {
-    alignas(64) float lanes[kLanes];
-    store(lanes, v);
-    float s = 0.0f;
-    for (int i = 0; i < kLanes; ++i) s += lanes[i];
-    return s;
-  }
 
   static Mask all_lanes() { return static_cast<Mask>(0xFFFF); }
   static Mask first_lanes(int n) { return n >= 16 ? all_lanes() : static_cast<Mask>((1u << n) - 1u); }
