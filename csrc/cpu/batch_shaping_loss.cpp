@@ -171,15 +171,16 @@ struct ColumnSorter {
     if constexpr (kPacked) {
       // Eight rows at a time: each column's eight items fill one cache line of its run, where a
       // row at a time wrote one item into each of `width` lines.
+      auto put = [&](int64_t i, int64_t c) {
+        item_buf[c * n + i] = (uint64_t{key_of(x[i * ld + c])} << 32) | static_cast<uint32_t>(i);
+      };
       constexpr int64_t kRows = 8;
       int64_t i0 = 0;
       for (; i0 + kRows <= n; i0 += kRows)
         for (int64_t c = 0; c < width; ++c)
-          for (int64_t r = 0; r < kRows; ++r)
-            item_buf[c * n + i0 + r] = (uint64_t{key_of(x[(i0 + r) * ld + c])} << 32) | static_cast<uint32_t>(i0 + r);
+          for (int64_t r = 0; r < kRows; ++r) put(i0 + r, c);
       for (int64_t i = i0; i < n; ++i)
-        for (int64_t c = 0; c < width; ++c)
-          item_buf[c * n + i] = (uint64_t{key_of(x[i * ld + c])} << 32) | static_cast<uint32_t>(i);
+        for (int64_t c = 0; c < width; ++c) put(i, c);
     } else {
       row_buf.resize(n * width);
       row_tmp_buf.resize(n * width);
