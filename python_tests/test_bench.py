@@ -2,12 +2,13 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
 
 import condkernels
-from condkernels.bench import batch_shaping, competitors, condconv, gated, models, runner, timing
+from condkernels.bench import batch_shaping, cases, competitors, condconv, gated, models, runner, timing
 from condkernels.bench.runner import check_outputs
 
 
@@ -64,6 +65,18 @@ def test_ops_replaced_swaps_the_op_inside_modules_and_restores_it():
         layer(x)
     assert len(seen) == 1
     _close(got, expected)
+
+
+def test_lower_vector_isa_methods_cap_the_kernels_during_each_call():
+    """--paths times the CPU op capped at every instruction set below the CPU's, and only then."""
+    below = {"avx512": ["avx2", "none"], "avx2": ["none"], "none": []}[condkernels.cpu_vector_isa()]
+    seen = []
+    methods = cases.with_lower_vector_isas("m", lambda: seen.append(condkernels.cpu_vector_isa()))
+    assert list(methods) == [f"m isa={isa}" for isa in below]
+    for call in methods.values():
+        call()
+    assert seen == below
+    assert "CONDKERNELS_CPU_ISA" not in os.environ
 
 
 def test_check_outputs_flags_a_wrong_competitor():

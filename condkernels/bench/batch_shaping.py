@@ -15,7 +15,7 @@ import torch
 import condkernels
 
 from . import competitors
-from .cases import NAIVE, STATIC, Case, is_ours, ours, ours_method
+from .cases import NAIVE, STATIC, Case, is_ours, ours, ours_method, with_lower_vector_isas
 from .results import Target, cases_of, cell, fmt_ms, fmt_ratio, method_order, ms
 
 SUITE = "batch_shaping"
@@ -74,6 +74,8 @@ def loss_case(cfg, n, g) -> Case:
         for backend in competitors.own_backends(cfg.device):
             calls[ours(backend)] = step(lambda x, b=backend: condkernels.batch_shaping_loss(
                 x, reduction="mean", backend=b))
+        if cfg.paths and cfg.device.type == "cpu":  # the sorting network against the radix sort
+            calls.update(with_lower_vector_isas(ours("cpu"), calls[ours("cpu")]))
         return calls
 
     return Case(

@@ -33,6 +33,14 @@ def with_env(fn, env: dict):
     return call
 
 
+def with_lower_vector_isas(method: str, fn) -> dict:
+    """``method`` with the CPU kernels capped at each instruction set below the CPU's own
+    (``CONDKERNELS_CPU_ISA``; ``isa=none`` takes the library and generic paths), for ``--paths``:
+    what the hand-written vector kernels gain over what would run without them."""
+    lower = {"avx512": ["avx2", "none"], "avx2": ["none"]}.get(condkernels.cpu_vector_isa(), [])
+    return {f"{method} isa={isa}": with_env(fn, {"CONDKERNELS_CPU_ISA": isa}) for isa in lower}
+
+
 def is_ours(method: str) -> bool:
     return method.startswith("condkernels:")
 

@@ -15,7 +15,7 @@ import condkernels
 from . import competitors
 from .cases import (
     FROZEN, GROUPED, LOOP, NAIVE, STATIC, Case, conv_macs, grad_call, in_frozen_weights, no_grad_call, ours,
-    ours_method, with_env,
+    ours_method, with_env, with_lower_vector_isas,
 )
 from .results import (
     Target, cases_of, cell, count, fmt_ms, fmt_ratio, method_order, ms, plot_time_per_method, save_figure, yes_no,
@@ -65,6 +65,7 @@ def _functions(cfg, mode: str = "inference") -> dict:
             fns[ours("cpu", f"tiling={policy}")] = with_env(fns[ours("cpu")], {TILING_ENV: policy, FUSED_ENV: "0"})
         for policy in ("0", "1"):
             fns[ours("cpu", f"fused={policy}")] = with_env(fns[ours("cpu")], {FUSED_ENV: policy})
+        fns.update(with_lower_vector_isas(ours("cpu"), fns[ours("cpu")]))
     return fns
 
 

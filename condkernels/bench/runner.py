@@ -32,7 +32,8 @@ def parse_args(argv):
     p.add_argument("--paths", action="store_true",
                    help="also time the CPU kernels with each of their paths forced (cond_conv2d's mixing "
                         "tiles and fused small-plane kernel, gated_conv2d's compacted path): the studies "
-                        "behind their thresholds")
+                        "behind their thresholds; and cond_conv2d and the batch-shaping loss with the "
+                        "vector kernels capped below the CPU's instruction set (isa=avx2, isa=none)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 5, 9 with --full)")
     p.add_argument("--out", default="docs", help="where results/, figures/ and benchmarks.md go (default docs/)")
     p.add_argument("--no-report", action="store_true", help="print the table only; write nothing")
