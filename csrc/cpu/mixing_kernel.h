@@ -8,11 +8,12 @@
 // are first packed chunk by chunk (the chunk's columns of every expert side by side, read once
 // from memory, row by row for the prefetchers), and blocks of output rows x chunk columns stay in
 // registers over all the experts: per expert, V chunk vectors and N coefficients are loaded for
-// N x V multiply-adds, and each output is written once. One-off in-process A/B on the Intel Xeon
-// (2 threads, median ms, this kernel / the generic loop): pointwise 512->512 @14x14 B = 32 E = 32
-// forward 39.0 / 46.5; 3x3 512->512 @7x7 B = 1 E = 32 forward+backward 55.8 / 70.5 (its expert
-// gradients, 32 rows over one example); where reading the experts bounds the pass (3x3 @7x7 B = 8
-// E = 32) a tie.
+// N x V multiply-adds, and each output is written once. On the Intel Xeon (2 threads, ms, with
+// these kernels / capped to none, `python -m condkernels.bench --suite condconv --full --paths
+// --filter "pointwise 512->512 @14x14 (MobileNetV1) B=32 E=32" --rounds 5 --no-report`):
+// inference 26.7 / 33.4, forward+backward 90.6 / 96.5. At batch 1 (`--filter "(ResNet-50) B=1
+// E=32" --filter fwd+bwd`), bound by reading the experts, a tie: 53.8 / 53.9 (3x3), 24.2 / 25.2
+// (pointwise 2048).
 #pragma once
 
 #include <algorithm>
