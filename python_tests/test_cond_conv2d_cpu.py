@@ -100,6 +100,28 @@ def test_single_expert_path(case, channels_last):
     check_case(*SINGLE_EXPERT[case], channels_last=channels_last, dtype=torch.bfloat16, tol=4e-2)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_single_expert_routing_gradient_at_zero_and_negative_routing(channels_last, bias):
+    # dr[b] comes from the unscaled input gradient (<conv^T(dy_b, W), x_b>), not from y_b / r[b]: a
+    # zero routing weight must still get its gradient. Stride 3 with a 2x2 kernel leaves input
+    # pixels unused, and the asymmetric padding is applied before the library's convolution.
+    x, r, w, b = make_inputs(4, 5, 6, 1, 2, (8, 7), 1, bias, seed=11)
+    r = torch.tensor([[0.0], [-1.5], [0.7], [0.0]], dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = ([3, 3], [1, 0, 0, 1], [1, 1], 1)
+    y = OP(x, r, w, b, *args)
+    grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    _, want = oracle_with_grads(x, r, w, b, *args[:3], 1, grad_out)
+    assert want[1][0].abs().item() > 1e-3 and want[1][3].abs().item() > 1e-3  # the case tests something
+    for mask in ([True] * 4, [False, True, False, False], [True, True, False, False], [False, True, True, True]):
+        got = BACKWARD(grad_out, x, r, w, b, *args, mask)
+        for i, (g, ref) in enumerate(zip(got, want)):
+            if mask[i] and ref is not None:
+                torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+
+
 # The fused small-plane forward (cpu/fused_mix_gemm.h; float32, NCHW, one group, AVX-512 and AVX2
 # CPUs, each build tested where the CPU has it): output channels not a multiple of its 16- and
 # 64-channel blocks, reductions not a multiple of its 8- or 16-row transposes or 32-row panels,

@@ -4,7 +4,7 @@
 // - depthwise (groups == Cin == Cout): direct kernel (cpu/depthwise.h) that mixes each example's
 //   k x k filters where they are used and never materialises the mixed weights.
 // - a single expert (E = 1), not depthwise: the library's convolution of the whole batch, scaled per
-//   example (y_b = r[b] conv(x_b, W)).
+//   example (y_b = r[b] conv(x_b, W)); its backward, the library's.
 // - small planes of a batch (float32, NCHW, one group, <= 64 output pixels, AVX-512 or AVX2): the
 //   forward mixes cache-sized pieces of the experts and feeds them to a register-blocked product,
 //   cpu/fused_mix_gemm.h; the backward's column gradients W_b^T dy_b come from the same kernel, and
@@ -457,9 +457,11 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
 // --- a single expert -----------------------------------------------------------------------------
 // With E = 1, W_b = r[b] W and y_b = r[b] (conv(x_b, W) + bias): one library convolution of the
 // whole batch, scaled per example, does the static layer's work plus one pass over y, where mix +
-// GEMM would write B scaled copies of W and run B narrow GEMMs. The backward is the static layer's
-// backward of r[b] dy_b, and dr[b] = <dy_b, conv(x_b, W) + bias> from one more convolution (at
-// batch 1, <dW, W> + <db, bias> from the backward of dy itself).
+// GEMM would write B scaled copies of W and run B narrow GEMMs. The backward is the static layer's:
+// dW and db from r[b] dy_b, and dx_b = r[b] g_b with g_b = conv^T(dy_b, W), the unscaled input
+// gradient. That g also gives the routing gradient without another convolution, by the adjoint:
+// dr[b] = <dy_b, conv(x_b, W) + bias> = <g_b, x_b> + <sum over pixels of dy_b, bias>, for any
+// r[b], 0 included. (At batch 1 a single backward of dy itself serves: dr = <dW, W> + <db, bias>.)
 
 std::optional<at::Tensor> first_expert_bias(const std::optional<at::Tensor>& bias) {
   return bias ? std::optional<at::Tensor>((*bias)[0]) : std::nullopt;
@@ -478,6 +480,18 @@ at::Tensor forward_single_expert(const ConvGeometry& g, bool channels_last, cons
   return y.mul_(routing.view({g.batch, 1, 1, 1}));
 }
 
+// The static layer's backward (ATen's, oneDNN on the CPU) of dy, for the gradients `library_mask`
+// names (input, weight, bias), the input's being that of x padded by pad_if_asymmetric.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> static_backward(const ConvGeometry& g, const at::Tensor& dy,
+                                                               const at::Tensor& x, const at::Tensor& weight,
+                                                               bool has_bias, std::array<bool, 3> library_mask) {
+  const std::vector<int64_t> bias_sizes{g.out_channels};
+  return at::convolution_backward(dy, cpu::pad_if_asymmetric(x, g), weight[0],
+                                  has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(),
+                                  {g.stride_h, g.stride_w}, cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w},
+                                  /*transposed=*/false, {0, 0}, g.groups, library_mask);
+}
+
 Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at::Tensor& grad_out,
                              const at::Tensor& x, const at::Tensor& routing, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, std::array<bool, 4> mask) {
@@ -486,39 +500,46 @@ Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at
   at::Tensor grad_x = x.new_empty({0}), grad_routing = x.new_empty({0});
   at::Tensor grad_weight = x.new_empty({0}), grad_bias = x.new_empty({0});
   const at::Tensor r = routing.view({g.batch, 1, 1, 1});
-  // One example: the static layer's backward of dy itself gives dr = <dW, W> + <db, bias> without
-  // another convolution, and every other gradient is r times its unscaled one.
-  const bool one_example = g.batch == 1;
-  const std::array<bool, 3> library_mask = one_example
-                                               ? std::array<bool, 3>{mask[0], mask[1] || mask[2], mask[1] || mask[3]}
-                                               : std::array<bool, 3>{mask[0], mask[2], mask[3]};
+  // Scale by r[b] what comes from the unscaled dy (0-d at batch 1, per example otherwise).
+  const at::Tensor scale = g.batch == 1 ? routing.reshape({-1}).select(0, 0) : r;
   at::Tensor gx, gw, gb;
-  if (library_mask[0] || library_mask[1] || library_mask[2]) {
-    const at::Tensor dy = one_example ? grad_out : (grad_out * r).contiguous(format);
-    const std::vector<int64_t> bias_sizes{g.out_channels};
-    std::tie(gx, gw, gb) = at::convolution_backward(
-        dy, cpu::pad_if_asymmetric(x, g), weight[0],
-        bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), {g.stride_h, g.stride_w},
-        cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w}, /*transposed=*/false, {0, 0}, g.groups,
-        library_mask);
-  }
-  if (mask[1]) {
-    if (one_example) {
+  if (g.batch == 1) {
+    if (mask[0] || mask[1] || mask[2] || mask[3])
+      std::tie(gx, gw, gb) = static_backward(g, grad_out, x, weight, bias.has_value(),
+                                             {mask[0], mask[1] || mask[2], mask[1] || mask[3]});
+    if (mask[1]) {
       at::Tensor dr = (gw.to(acc_type) * weight[0].to(acc_type)).sum();
       if (bias) dr = dr + (gb.to(acc_type) * (*bias)[0].to(acc_type)).sum();
       grad_routing = dr.reshape({1, 1}).to(x.scalar_type());
-    } else {  // dr[b] = <dy_b, conv(x_b, W) + bias>
-      const at::Tensor y0 = static_conv(g, x, weight, bias);
-      grad_routing = (grad_out.to(acc_type) * y0.to(acc_type)).sum({1, 2, 3}).unsqueeze(1).to(x.scalar_type());
     }
+    if (mask[2]) gw = gw * scale;
+    if (mask[3] && bias) gb = gb * scale;
+  } else {
+    // The input's gradient from dy itself when dr needs it unscaled, else from r[b] dy_b with the rest.
+    const bool unscaled_input = mask[1];
+    const bool scaled_input = mask[0] && !unscaled_input;
+    if (unscaled_input)
+      std::tie(gx, std::ignore, std::ignore) = static_backward(g, grad_out, x, weight, false, {true, false, false});
+    if (scaled_input || mask[2] || (mask[3] && bias)) {
+      at::Tensor scaled_gx;
+      std::tie(scaled_gx, gw, gb) = static_backward(g, (grad_out * r).contiguous(format), x, weight, bias.has_value(),
+                                                    {scaled_input, mask[2], mask[3]});
+      if (scaled_input) gx = scaled_gx;
+    }
+    if (mask[1]) {  // dr[b] = <g_b, x_b> + <sum over pixels of dy_b, bias>
+      const at::Tensor padded_x = cpu::pad_if_asymmetric(x, g);
+      at::Tensor dr = (gx.to(acc_type) * padded_x.to(acc_type)).sum({1, 2, 3});
+      if (bias) dr = dr + at::mv(grad_out.to(acc_type).sum({2, 3}), (*bias)[0].to(acc_type));
+      grad_routing = dr.unsqueeze(1).to(x.scalar_type());
+    }
+    if (mask[0] && unscaled_input) gx = gx * r;
   }
-  const at::Tensor scale = one_example ? routing.reshape({-1}).select(0, 0) : at::Tensor();  // 0-d
   if (mask[0]) {  // the padded input's gradient, cropped back to x
     if (!cpu::has_symmetric_padding(g)) gx = gx.narrow(2, g.pad_h_begin, g.in_h).narrow(3, g.pad_w_begin, g.in_w);
-    grad_x = (one_example ? gx * scale : gx).contiguous(format);
+    grad_x = (g.batch == 1 ? gx * scale : gx).contiguous(format);
   }
-  if (mask[2]) grad_weight = (one_example ? gw * scale : gw).unsqueeze(0);
-  if (mask[3] && bias) grad_bias = (one_example ? gb * scale : gb).unsqueeze(0);
+  if (mask[2]) grad_weight = gw.unsqueeze(0);
+  if (mask[3] && bias) grad_bias = gb.unsqueeze(0);
   return {grad_x, grad_routing, grad_weight, grad_bias};
 }
 
