@@ -461,7 +461,8 @@ Grads backward_mix_gemm(const ConvGeometry& g, bool channels_last, const at::Ten
 // dW and db from r[b] dy_b, and dx_b = r[b] g_b with g_b = conv^T(dy_b, W), the unscaled input
 // gradient. That g also gives the routing gradient without another convolution, by the adjoint:
 // dr[b] = <dy_b, conv(x_b, W) + bias> = <g_b, x_b> + <sum over pixels of dy_b, bias>, for any
-// r[b], 0 included. (At batch 1 a single backward of dy itself serves: dr = <dW, W> + <db, bias>.)
+// r[b], 0 included, and cheaper than <dW, W> + <db, bias> even at batch 1 (a pass over the input,
+// not two over the weight and one more to scale dW).
 
 std::optional<at::Tensor> first_expert_bias(const std::optional<at::Tensor>& bias) {
   return bias ? std::optional<at::Tensor>((*bias)[0]) : std::nullopt;
@@ -500,43 +501,26 @@ Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at
   at::Tensor grad_x = x.new_empty({0}), grad_routing = x.new_empty({0});
   at::Tensor grad_weight = x.new_empty({0}), grad_bias = x.new_empty({0});
   const at::Tensor r = routing.view({g.batch, 1, 1, 1});
-  // Scale by r[b] what comes from the unscaled dy (0-d at batch 1, per example otherwise).
-  const at::Tensor scale = g.batch == 1 ? routing.reshape({-1}).select(0, 0) : r;
+  // The input's gradient from dy itself when dr needs it unscaled, else from r[b] dy_b with the rest.
+  const bool unscaled_input = mask[1], scaled_input = mask[0] && !unscaled_input;
   at::Tensor gx, gw, gb;
-  if (g.batch == 1) {
-    if (mask[0] || mask[1] || mask[2] || mask[3])
-      std::tie(gx, gw, gb) = static_backward(g, grad_out, x, weight, bias.has_value(),
-                                             {mask[0], mask[1] || mask[2], mask[1] || mask[3]});
-    if (mask[1]) {
-      at::Tensor dr = (gw.to(acc_type) * weight[0].to(acc_type)).sum();
-      if (bias) dr = dr + (gb.to(acc_type) * (*bias)[0].to(acc_type)).sum();
-      grad_routing = dr.reshape({1, 1}).to(x.scalar_type());
-    }
-    if (mask[2]) gw = gw * scale;
-    if (mask[3] && bias) gb = gb * scale;
-  } else {
-    // The input's gradient from dy itself when dr needs it unscaled, else from r[b] dy_b with the rest.
-    const bool unscaled_input = mask[1];
-    const bool scaled_input = mask[0] && !unscaled_input;
-    if (unscaled_input)
-      std::tie(gx, std::ignore, std::ignore) = static_backward(g, grad_out, x, weight, false, {true, false, false});
-    if (scaled_input || mask[2] || (mask[3] && bias)) {
-      at::Tensor scaled_gx;
-      std::tie(scaled_gx, gw, gb) = static_backward(g, (grad_out * r).contiguous(format), x, weight, bias.has_value(),
-                                                    {scaled_input, mask[2], mask[3]});
-      if (scaled_input) gx = scaled_gx;
-    }
-    if (mask[1]) {  // dr[b] = <g_b, x_b> + <sum over pixels of dy_b, bias>
-      const at::Tensor padded_x = cpu::pad_if_asymmetric(x, g);
-      at::Tensor dr = (gx.to(acc_type) * padded_x.to(acc_type)).sum({1, 2, 3});
-      if (bias) dr = dr + at::mv(grad_out.to(acc_type).sum({2, 3}), (*bias)[0].to(acc_type));
-      grad_routing = dr.unsqueeze(1).to(x.scalar_type());
-    }
-    if (mask[0] && unscaled_input) gx = gx * r;
+  if (unscaled_input)
+    std::tie(gx, std::ignore, std::ignore) = static_backward(g, grad_out, x, weight, false, {true, false, false});
+  if (scaled_input || mask[2] || (mask[3] && bias)) {
+    at::Tensor scaled_gx;
+    std::tie(scaled_gx, gw, gb) = static_backward(g, (grad_out * r).contiguous(format), x, weight, bias.has_value(),
+                                                  {scaled_input, mask[2], mask[3]});
+    if (scaled_input) gx = scaled_gx;
+  }
+  if (mask[1]) {  // dr[b] = <g_b, x_b> + <sum over pixels of dy_b, bias>
+    at::Tensor dr = (gx.to(acc_type) * cpu::pad_if_asymmetric(x, g).to(acc_type)).sum({1, 2, 3});
+    if (bias) dr = dr + at::mv(grad_out.to(acc_type).sum({2, 3}), (*bias)[0].to(acc_type));
+    grad_routing = dr.unsqueeze(1).to(x.scalar_type());
   }
   if (mask[0]) {  // the padded input's gradient, cropped back to x
+    if (unscaled_input) gx = gx * r;
     if (!cpu::has_symmetric_padding(g)) gx = gx.narrow(2, g.pad_h_begin, g.in_h).narrow(3, g.pad_w_begin, g.in_w);
-    grad_x = (g.batch == 1 ? gx * scale : gx).contiguous(format);
+    grad_x = gx.contiguous(format);
   }
   if (mask[2]) grad_weight = gw.unsqueeze(0);
   if (mask[3] && bias) grad_bias = gb.unsqueeze(0);
