@@ -482,12 +482,12 @@ at::Tensor forward_single_expert(const ConvGeometry& g, bool channels_last, cons
 }
 
 // The static layer's backward (ATen's, oneDNN on the CPU) of dy, for the gradients `library_mask`
-// names (input, weight, bias), the input's being that of x padded by pad_if_asymmetric.
+// names (input, weight, bias); padded_x is pad_if_asymmetric(x, g), whose gradient is the input's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> static_backward(const ConvGeometry& g, const at::Tensor& dy,
-                                                               const at::Tensor& x, const at::Tensor& weight,
+                                                               const at::Tensor& padded_x, const at::Tensor& weight,
                                                                bool has_bias, std::array<bool, 3> library_mask) {
   const std::vector<int64_t> bias_sizes{g.out_channels};
-  return at::convolution_backward(dy, cpu::pad_if_asymmetric(x, g), weight[0],
+  return at::convolution_backward(dy, padded_x, weight[0],
                                   has_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(),
                                   {g.stride_h, g.stride_w}, cpu::symmetric_padding(g), {g.dilation_h, g.dilation_w},
                                   /*transposed=*/false, {0, 0}, g.groups, library_mask);
@@ -503,17 +503,19 @@ Grads backward_single_expert(const ConvGeometry& g, bool channels_last, const at
   const at::Tensor r = routing.view({g.batch, 1, 1, 1});
   // The input's gradient from dy itself when dr needs it unscaled, else from r[b] dy_b with the rest.
   const bool unscaled_input = mask[1], scaled_input = mask[0] && !unscaled_input;
+  const at::Tensor padded_x = cpu::pad_if_asymmetric(x, g);  // a copy only for odd 'same' padding
   at::Tensor gx, gw, gb;
   if (unscaled_input)
-    std::tie(gx, std::ignore, std::ignore) = static_backward(g, grad_out, x, weight, false, {true, false, false});
+    std::tie(gx, std::ignore, std::ignore) =
+        static_backward(g, grad_out, padded_x, weight, false, {true, false, false});
   if (scaled_input || mask[2] || (mask[3] && bias)) {
     at::Tensor scaled_gx;
-    std::tie(scaled_gx, gw, gb) = static_backward(g, (grad_out * r).contiguous(format), x, weight, bias.has_value(),
-                                                  {scaled_input, mask[2], mask[3]});
+    std::tie(scaled_gx, gw, gb) = static_backward(g, (grad_out * r).contiguous(format), padded_x, weight,
+                                                  bias.has_value(), {scaled_input, mask[2], mask[3]});
     if (scaled_input) gx = scaled_gx;
   }
   if (mask[1]) {  // dr[b] = <g_b, x_b> + <sum over pixels of dy_b, bias>
-    at::Tensor dr = (gx.to(acc_type) * cpu::pad_if_asymmetric(x, g).to(acc_type)).sum({1, 2, 3});
+    at::Tensor dr = (gx.to(acc_type) * padded_x.to(acc_type)).sum({1, 2, 3});
     if (bias) dr = dr + at::mv(grad_out.to(acc_type).sum({2, 3}), (*bias)[0].to(acc_type));
     grad_routing = dr.unsqueeze(1).to(x.scalar_type());
   }

@@ -187,15 +187,11 @@ inline void multiply(int64_t n, const float* panel, int64_t kc, const float* col
 // columns), and the leftmost pixel block reads them one element per row, P floats apart: without
 // help it stalled on every row. Into L1 instead (T0) was slower on a 32 KB L1: the next example's
 // columns evicted the panel and accumulators in use.
-inline void prefetch_columns(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T1);
-}
-
-// Part `part` of `parts` of prefetch_columns(p, n) (and the line past its end, which an unaligned p
-// reaches): the kernel spreads the next multiply's columns over the current multiply's pixel
-// blocks. In one burst the prefetches waited for free fill buffers and held up the multiply-adds
-// behind them (8% of the samples at pointwise 2048->512 @7x7, B = 32, E = 4 on the Intel Xeon).
-inline void prefetch_columns_part(const float* p, int64_t n, int64_t part, int64_t parts) {
+// With parts > 1, only part `part` of them (the line past the end too, which an unaligned p reaches): the
+// kernel spreads the next multiply's columns over the current multiply's pixel blocks. In one burst
+// the prefetches waited for free fill buffers and held up the multiply-adds behind them (8% of the
+// samples at pointwise 2048->512 @7x7, B = 32, E = 4 on the Intel Xeon).
+inline void prefetch_columns(const float* p, int64_t n, int64_t part = 0, int64_t parts = 1) {
   const int64_t lines = n / 16 + 1;
   for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; ++l)
     _mm_prefetch(reinterpret_cast<const char*>(p + l * 16), _MM_HINT_T1);
@@ -254,7 +250,7 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
           float* acc_b = acc + (b0 + i) * P * kBlock;
           for (int64_t blk = 0, p0 = 0; blk < blocks; ++blk) {
             const int64_t n = (P - p0) / (blocks - blk);
-            if (next != nullptr) prefetch_columns_part(next, next_rows * P, blk, blocks);
+            if (next != nullptr) prefetch_columns(next, next_rows * P, blk, blocks);
             multiply<Isa>(n, panels + i * kKc * kBlock, kc, col + p0, P, acc_b + p0 * kBlock);
             p0 += n;
           }
