@@ -23,6 +23,10 @@ namespace condkernels {
 namespace {
 
 constexpr int kMaxFusedBatch = 1024;
+// Threads of the fused kernel's block, which loops over a column of up to kMaxFusedBatch values:
+// with 1024 its ~80 registers a thread would exceed the 64K of a multiprocessor and the launch
+// would be refused; the bound makes the compiler keep to what 512 threads may use.
+constexpr int kMaxFusedThreads = 512;
 constexpr int kThreads = 256;
 
 // What the kernels need of BatchShapingArgs, with the reduction's scale already applied.
@@ -55,13 +59,13 @@ __device__ __forceinline__ double sorted_term(const LossParams& lp, double value
 }
 
 template <typename scalar_t>
-__global__ void fused_column_kernel(const scalar_t* __restrict__ gates_t, int64_t n, int padded,
-                                    LossParams lp, scalar_t* __restrict__ grad_t,
-                                    double* __restrict__ column_loss) {
+__global__ void __launch_bounds__(kMaxFusedThreads)
+    fused_column_kernel(const scalar_t* __restrict__ gates_t, int64_t n, int padded, LossParams lp,
+                        scalar_t* __restrict__ grad_t, double* __restrict__ column_loss) {
   extern __shared__ unsigned char shared[];
   uint64_t* keys = reinterpret_cast<uint64_t*>(shared);
   int32_t* rows = reinterpret_cast<int32_t*>(keys + padded);
-  double* partial = reinterpret_cast<double*>(keys) ;  // reused after the sort (see below)
+  double* partial = reinterpret_cast<double*>(keys);  // reused after the sort (see below)
   const int64_t column = blockIdx.x;
   const scalar_t* x = gates_t + column * n;
   for (int i = threadIdx.x; i < padded; i += blockDim.x) {
@@ -137,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> batch_shaping_loss_cuda(
     if (n <= kMaxFusedBatch) {
       int padded = 1;
       while (padded < n) padded <<= 1;
-      const int threads = std::max(32, std::min(padded, kMaxFusedBatch));
+      const int threads = std::max(32, std::min(padded, kMaxFusedThreads));
       const size_t shared = std::max<size_t>(padded * (sizeof(uint64_t) + sizeof(int32_t)),
                                              threads * sizeof(double));
       column_loss = at::empty({g}, gates.options().dtype(at::kDouble));
