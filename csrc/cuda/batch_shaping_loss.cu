@@ -105,10 +105,9 @@ __global__ void __launch_bounds__(kMaxFusedThreads)
 }
 
 template <typename scalar_t>
-__global__ void sorted_values_kernel(const scalar_t* __restrict__ values_t,
-                                     const int64_t* __restrict__ order_t, int64_t n, int64_t total,
-                                     LossParams lp, scalar_t* __restrict__ grad_t,
-                                     double* __restrict__ terms) {
+__global__ void __launch_bounds__(kThreads)
+    sorted_values_kernel(const scalar_t* __restrict__ values_t, const int64_t* __restrict__ order_t, int64_t n,
+                         int64_t total, LossParams lp, scalar_t* __restrict__ grad_t, double* __restrict__ terms) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t column_start = e - e % n;

@@ -17,9 +17,9 @@ constexpr int kThreads = 256;
 
 // a_stride / b_stride: 0 when the parameter holds one value, 1 when it was expanded to the output.
 template <typename scalar_t>
-__global__ void beta_cdf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a,
-                                const scalar_t* __restrict__ b, int64_t a_stride, int64_t b_stride,
-                                scalar_t* __restrict__ out, int64_t n) {
+__global__ void __launch_bounds__(kThreads)
+    beta_cdf_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                    int64_t a_stride, int64_t b_stride, scalar_t* __restrict__ out, int64_t n) {
   const double tol = beta_math::cf_tolerance<scalar_t>();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -30,11 +30,10 @@ __global__ void beta_cdf_kernel(const scalar_t* __restrict__ x, const scalar_t* 
 }
 
 template <typename scalar_t>
-__global__ void beta_pdf_times_grad_kernel(const scalar_t* __restrict__ grad,
-                                           const scalar_t* __restrict__ x,
-                                           const scalar_t* __restrict__ a,
-                                           const scalar_t* __restrict__ b, int64_t a_stride,
-                                           int64_t b_stride, scalar_t* __restrict__ out, int64_t n) {
+__global__ void __launch_bounds__(kThreads)
+    beta_pdf_times_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                               const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t a_stride,
+                               int64_t b_stride, scalar_t* __restrict__ out, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double av = static_cast<double>(a[i * a_stride]), bv = static_cast<double>(b[i * b_stride]);

@@ -48,8 +48,9 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 
 // list[b, grp * per_group + j] and count[b * groups + grp]; a null gate opens every channel.
 template <typename T>
-__global__ void build_channel_lists_kernel(const T* __restrict__ gate, int64_t channels, int64_t groups,
-                                           int32_t* __restrict__ list, int32_t* __restrict__ count) {
+__global__ void __launch_bounds__(kWarp)
+    build_channel_lists_kernel(const T* __restrict__ gate, int64_t channels, int64_t groups,
+                               int32_t* __restrict__ list, int32_t* __restrict__ count) {
   const int64_t bg = blockIdx.x;
   const int64_t b = bg / groups, grp = bg % groups;
   const int64_t per_group = channels / groups;
