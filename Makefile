@@ -10,7 +10,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.condkernels-built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: all build test bench clean
+.PHONY: all build test bench clean gpu-build gpu-test gpu-bench
 
 all: build
 
@@ -34,6 +34,27 @@ BENCH_ARGS ?=
 
 bench: build
 	$(PY) -m condkernels.bench --out docs $(BENCH_ARGS)
+
+# On a CUDA machine whose Python already holds a CUDA build of torch (GPU_PYTHON; no virtual
+# environment, nothing downloaded): build in place with the CUDA kernels for the visible GPU, run the
+# tests that use it (the CUDA backend and Triton compiled for the GPU), time every suite on it.
+# gpu-bench merges its rows into a copy of docs' results in GPU_OUT (results/benchmarks.json and the
+# report beside it); copy that JSON over docs/results/ and rebuild with --report-only.
+GPU_PYTHON ?= python3
+GPU_OUT ?= gpu-results
+GPU_BENCH_ARGS ?=
+
+gpu-build:
+	CONDKERNELS_CUDA=1 MAX_JOBS=$$(nproc) $(GPU_PYTHON) setup.py --quiet build_ext --inplace
+
+gpu-test: gpu-build
+	mkdir -p $(GPU_OUT)
+	$(GPU_PYTHON) -m pytest python_tests -q -ra -k "cuda or triton" --junit-xml=$(GPU_OUT)/tests.xml
+
+gpu-bench: gpu-build
+	mkdir -p $(GPU_OUT)/results
+	cp docs/results/benchmarks.json $(GPU_OUT)/results/
+	$(GPU_PYTHON) -m condkernels.bench --device cuda --out $(GPU_OUT) $(GPU_BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info condkernels/*.so $(BUILD_STAMP)

@@ -30,9 +30,13 @@ def register_op(name: str, schema: str):
 
 
 def launch(kernel, grid: Sequence[int], *args, **meta) -> None:
-    """Launches ``kernel`` unless the grid is empty (an empty batch or channel list)."""
+    """Launches ``kernel`` unless the grid is empty (an empty batch or channel list).
+
+    Compiled kernels go through ``wrap_triton`` so that tracing sees them; interpreted ones are
+    launched as they are (torch before 2.14 refuses to wrap them).
+    """
     if all(int(g) > 0 for g in grid):
-        wrap_triton(kernel)[tuple(grid)](*args, **meta)
+        (kernel if interpreted() else wrap_triton(kernel))[tuple(grid)](*args, **meta)
 
 
 def block(n: int, cap: int, floor: int = 16) -> int:
