@@ -44,10 +44,12 @@ def kernel_resources(elf_dump: str) -> dict:
     out = {}
     for chunk in elf_dump.split("Fatbin elf code:")[1:]:
         arch = re.search(r"arch = (\S+)", chunk).group(1)
-        registers = {m[1]: int(m[2]) for m in re.finditer(r"function: (\S+)\(0x[0-9a-f]+\)\s+register count: (\d+)", chunk)}
+        counts = re.finditer(r"function: (\S+)\(0x[0-9a-f]+\)\s+register count: (\d+)", chunk)
+        registers = {m[1]: int(m[2]) for m in counts}
         bounds = {}
         for m in re.finditer(r"^\.nv\.info\.(\S+)\n(.*?)(?=^\.|\Z)", chunk, re.M | re.S):
-            t = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)", m[2])
+            t = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+) (0x[0-9a-f]+) (0x[0-9a-f]+)",
+                          m[2])
             if t:
                 bounds[m[1]] = int(t[1], 16) * int(t[2], 16) * int(t[3], 16)
         for name, regs in registers.items():
