@@ -99,12 +99,13 @@ def record_launches() -> None:
             return torch.rand(*shape, dtype=dtype, requires_grad=True)
 
         # cond_conv2d: 1x1, depthwise, dense/grouped k x k (small and large planes: mixed on load
-        # and premixed), strided, dilated, NHWC
+        # and premixed), strided, dilated, NHWC; then tiny layers, whose blocks are the smallest
         for (cin, cout, groups, k, hw, stride, dilation, nhwc) in [
             (256, 256, 1, 1, 14, 1, 1, False), (256, 256, 1, 1, 14, 2, 1, False),
             (256, 256, 256, 3, 14, 1, 1, False), (256, 256, 256, 5, 14, 2, 1, True),
             (128, 128, 1, 3, 7, 1, 1, False), (128, 128, 1, 3, 28, 1, 1, True),
             (128, 128, 4, 3, 14, 2, 2, False),
+            (3, 5, 1, 1, 3, 1, 1, False), (4, 4, 4, 3, 3, 1, 1, False), (3, 5, 1, 3, 2, 1, 1, False),
         ]:
             x = t(4, cin, hw, hw)
             if nhwc:
@@ -114,9 +115,11 @@ def record_launches() -> None:
                                         dilation=dilation, groups=groups, backend="triton")
             backward(y, x, routing, weight, bias)
         # gated_conv2d: in and out gates, with and without gradients of the gates
-        for (cin, cout, groups, k, stride, gates_grad) in [(128, 128, 1, 3, 1, True), (128, 256, 2, 3, 2, False),
-                                                          (256, 128, 1, 1, 1, True)]:
-            x, weight, bias = t(4, cin, 14, 14), t(cout, cin // groups, k, k), t(cout)
+        for (cin, cout, groups, k, stride, hw, gates_grad) in [
+            (128, 128, 1, 3, 1, 14, True), (128, 256, 2, 3, 2, 14, False), (256, 128, 1, 1, 1, 14, True),
+            (3, 5, 1, 3, 1, 3, True),
+        ]:
+            x, weight, bias = t(4, cin, hw, hw), t(cout, cin // groups, k, k), t(cout)
             in_gate = (torch.rand(4, cin) < 0.5).to(dtype).requires_grad_(gates_grad)
             out_gate = (torch.rand(4, cout) < 0.5).to(dtype).requires_grad_(gates_grad)
             y = condkernels.gated_conv2d(x, weight, bias, in_gate, out_gate, stride=stride, padding=k // 2,
