@@ -480,10 +480,14 @@ def _check_call(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tenso
         raise ValueError(f"{OP}: dilation must be positive, got {list(dilation)}")
     if any(p < 0 for p in padding):
         raise ValueError(f"{OP}: padding must be non-negative, got {list(padding)}")
+    _check_device(x)
+    return check_geometry(x, weight, stride, padding, dilation)
+
+
+def _check_device(x: Tensor) -> None:
     if x.device.type == "cpu" and not _interpreted():
         raise RuntimeError(f"{OP}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
                            "set before triton is imported, to interpret the kernels on the CPU)")
-    return check_geometry(x, weight, stride, padding, dilation)
 
 
 def _mix(coef_strides: tuple[int, int], coef: Tensor, rows: int, terms: int, src: Tensor,

@@ -230,7 +230,8 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
       for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
         const int64_t kc = std::min(kKc, sc - k0);
         const float* group_cols = pb.cols + b0 * pb.cols_stride + (s0 + k0) * P;
-        prefetch_columns(group_cols, kc * P);  // in L2 already but for the block's first multiply
+        // Every later multiply's columns are prefetched during the one before it (below).
+        if (s0 == 0 && b0 == 0 && k0 == 0) prefetch_columns(group_cols, kc * P);
         mix<Isa>(group, piece + k0 * kBlock, piece_stride, routing_lanes.data(), pb.experts, kc, panels);
         for (int64_t i = 0; i < group; ++i) {
           const float* col = group_cols + i * pb.cols_stride;
