@@ -41,6 +41,12 @@ inline int64_t staged_rows(int64_t experts) {
   return std::max<int64_t>(kKc, rows / kKc * kKc);
 }
 
+// Floats between two experts' pieces of `rows` staged rows: one row (kBlock floats, 4 cache lines)
+// more than the piece. The mixing reads row k of every expert in turn; at a multiple of 4 KB apart
+// (any rows % 16 == 0) those rows all fall in the same L1 set, and at a multiple of 64 KB in the same
+// L2 set, so that 32 experts' lines evicted each other on every pass.
+inline int64_t staged_expert_stride(int64_t rows) { return (rows + 1) * kBlock; }
+
 // When this path is taken (use_fused_mix_gemm in cpu/cond_conv2d.cpp): planes up to max_plane()
 // output pixels, at least kMinBatch examples, and at most kMaxExperts experts or at least as many
 // examples as experts (any batch and E when the experts are kept staged, Problem::staged_weight).
@@ -87,31 +93,39 @@ struct Problem {
   const float* staged_weight = nullptr;
 };
 
+// Every expert's piece of one block of kBlock output channels from c0, for all reduction rows, in
+// the staged layout (staged_experts below). Compiled once per instruction set
+// (cpu/fused_mix_gemm_kernel.h, stage_experts over all rows).
+using StageBlock = void (*)(const Problem& pb, int64_t c0, float* staged);
+void stage_block_avx512(const Problem& pb, int64_t c0, float* staged);
+void stage_block_avx2(const Problem& pb, int64_t c0, float* staged);
+
 // The experts (E, Cout, K) as stage_experts lays out each piece, for all K at once: (blocks of
-// kBlock output channels, E, K, kBlock), channels past Cout zero. The kernel reads a piece of it in
-// place (Problem::staged_weight): a weight that stays the same between calls is laid out once
-// (cpu/frozen_weights.h) instead of on every call.
+// kBlock output channels, E, K + 1, kBlock), channels past Cout zero, the skew row of
+// staged_expert_stride never read. The kernel reads a piece of it in place
+// (Problem::staged_weight): a weight that stays the same between calls is laid out once
+// (cpu/frozen_weights.h) instead of on every call. Only where the kernel runs (available()).
 inline at::Tensor staged_experts(const at::Tensor& weight) {
+  TORCH_INTERNAL_ASSERT(vector_isa() != VectorIsa::kNone, "staged_experts needs the vector kernels");
+  const StageBlock stage_block = vector_isa() == VectorIsa::kAvx512 ? stage_block_avx512 : stage_block_avx2;
   const int64_t E = weight.size(0), Cout = weight.size(1), K = weight.numel() / std::max<int64_t>(1, E * Cout);
-  const int64_t blocks = (Cout + kBlock - 1) / kBlock;
-  at::Tensor staged = at::zeros({blocks, E, K, kBlock}, weight.options());
-  const float* w = weight.const_data_ptr<float>();
+  const int64_t blocks = (Cout + kBlock - 1) / kBlock, block_floats = E * staged_expert_stride(K);
+  at::Tensor staged = at::empty({blocks, E, K + 1, kBlock}, weight.options());
+  Problem layer{};
+  layer.weight = weight.const_data_ptr<float>();
+  layer.experts = E;
+  layer.out_channels = Cout;
+  layer.reduction = K;
   float* out = staged.mutable_data_ptr<float>();
-  at::parallel_for(0, blocks * E, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t be = begin; be < end; ++be) {
-      const int64_t blk = be / E, e = be % E, valid = std::min(kBlock, Cout - blk * kBlock);
-      for (int64_t j = 0; j < valid; ++j) {
-        const float* row = w + (e * Cout + blk * kBlock + j) * K;
-        float* col = out + be * K * kBlock + j;
-        for (int64_t k = 0; k < K; ++k) col[k * kBlock] = row[k];
-      }
-    }
+  // Each block reads 64 rows of K floats (long runs for the prefetchers) and writes its own slab.
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) stage_block(layer, blk * kBlock, out + blk * block_floats);
   });
   return staged;
 }
 
 // One block of kBlock output channels from c0 for every example of `pb`, with the calling thread's
-// buffers: staged (E x staged_rows x kBlock floats), panels (kMixGroup x kKc x kBlock) and acc
+// buffers: staged (E x staged_expert_stride(staged_rows) floats), panels (kMixGroup x kKc x kBlock) and acc
 // (batch x pixels x kBlock), all 64-byte aligned. Compiled once per instruction set
 // (cpu/fused_mix_gemm_kernel.h).
 using RunBlock = void (*)(const Problem& pb, int64_t c0, float* staged, float* panels, float* acc);
@@ -160,7 +174,7 @@ inline void run(const Problem& pb) {
   for_each_claimed(
       blocks * runs,
       [&] {
-        return Buffers{scratch_floats(0, pb.experts * staged_rows(pb.experts) * kBlock),
+        return Buffers{scratch_floats(0, pb.experts * staged_expert_stride(staged_rows(pb.experts))),
                        scratch_floats(1, kMixGroup * kKc * kBlock), scratch_floats(2, run_size * pb.pixels * kBlock)};
       },
       [&](const Buffers& buf, int64_t task) {

@@ -22,9 +22,10 @@ struct Tile {
   static_assert(kBlock % kChannels == 0, "the panel is whole blocks of channels");
 };
 
-// staged[e][k][j] = W_e[c0 + j][k0 + k] for k < kc, j < kBlock (0 for channels past Cout): the
-// piece of every expert that the run's examples mix, read from memory once and transposed once
-// (copied as it lies when the experts are stored transposed).
+// staged[e * staged_expert_stride(kc) + k * kBlock + j] = W_e[c0 + j][k0 + k] for k < kc,
+// j < kBlock (0 for channels past Cout): the piece of every expert that the run's examples mix,
+// read from memory once and transposed once (copied as it lies when the experts are stored
+// transposed). With k0 = 0 and kc = K, one block of the kept layout (staged_experts).
 template <class Isa>
 inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc, float* staged) {
   constexpr int W = Isa::kLanes;
@@ -39,7 +40,7 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
         if (k + kRowsAhead < kc)
           for (int64_t j = 0; j < valid; j += 16)
             _mm_prefetch(reinterpret_cast<const char*>(src + kRowsAhead * pb.out_channels + j), _MM_HINT_T0);
-        float* out = staged + (e * kc + k) * kBlock;
+        float* out = staged + e * staged_expert_stride(kc) + k * kBlock;
         std::copy_n(src, valid, out);
         std::fill(out + valid, out + kBlock, 0.0f);
       }
@@ -47,7 +48,7 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
     return;
   }
   for (int64_t e = 0; e < pb.experts; ++e) {
-    float* out = staged + e * kc * kBlock;
+    float* out = staged + e * staged_expert_stride(kc);
     // W rows at a time, walked along k: W sequential streams for the prefetchers.
     for (int64_t j0 = 0; j0 < kBlock; j0 += W) {
       for (int64_t kk = 0; kk < kc; kk += W) {
@@ -70,13 +71,6 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
   }
 }
 
-// out[i * kLanes + l] = r[i] for i < n, every lane l: routing weights as the memory operands of the
-// multiply-adds that mix (mix_panels) and fold (cpu/fused_weight_grad_kernel.h).
-template <class Isa>
-inline void repeat_over_lanes(const float* r, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) std::fill_n(out + i * Isa::kLanes, Isa::kLanes, r[i]);
-}
-
 // The sum of a vector's lanes, added in lane order: the dot products of the expert-gradient fold
 // (cpu/fused_weight_grad_kernel.h) and of the routing gradient (cpu/mixing_kernel.h).
 template <class Isa>
@@ -95,8 +89,8 @@ template <class Isa>
 constexpr int kMixVectors = Isa::kRegisters == 32 ? 4 : 2;
 
 // panels[i][k][0..kBlock) = sum_e r[i][e] staged[e][k][0..kBlock) for k < kc and the N examples
-// whose routing rows start at r, each weight r[i][e] repeated over a vector's lanes; panels
-// kKc * kBlock apart, experts expert_stride apart. Per expert, kMixVectors staged vectors and the N
+// whose routing rows (E weights each) start at r, each weight broadcast from its float (a full
+// vector per weight filled 8 KB of L1 beside the panels at E = 32); panels kKc * kBlock apart, experts expert_stride apart. Per expert, kMixVectors staged vectors and the N
 // routing weights are loaded once and meet in N x kMixVectors multiply-adds: with one vector per
 // pass, every multiply-add also loaded its routing weight, and the loads, not the multiply-adds,
 // bound the mixing (about a quarter of the kernel's time at B = 32, E = 8 on the Intel Xeon, in
@@ -116,7 +110,7 @@ inline void mix_panels(const float* staged, int64_t expert_stride, const float* 
         typename Isa::Vec we[V];
         for (int j = 0; j < V; ++j) we[j] = Isa::load(w + e * expert_stride + j * W);
         for (int i = 0; i < N; ++i) {
-          const auto ri = Isa::loadu(r + (i * experts + e) * W);
+          const auto ri = Isa::broadcast(r[i * experts + e]);
           for (int j = 0; j < V; ++j) m[i][j] = Isa::fmadd(we[j], ri, m[i][j]);
         }
       }
@@ -213,26 +207,24 @@ inline void run_block(const Problem& pb, int64_t c0, float* staged, float* panel
     }
   }
   const int64_t stage_rows = staged_rows(pb.experts);
-  std::vector<float> routing_lanes(kMixGroup * pb.experts * Isa::kLanes);
   for (int64_t s0 = 0; s0 < pb.reduction; s0 += stage_rows) {
     const int64_t sc = std::min(stage_rows, pb.reduction - s0);
     const float* piece = staged;  // [e][k][j], experts piece_stride apart
-    int64_t piece_stride = sc * kBlock;
+    int64_t piece_stride = staged_expert_stride(sc);
     if (pb.staged_weight != nullptr) {
-      piece = pb.staged_weight + (c0 / kBlock * pb.experts * pb.reduction + s0) * kBlock;
-      piece_stride = pb.reduction * kBlock;
+      piece_stride = staged_expert_stride(pb.reduction);
+      piece = pb.staged_weight + c0 / kBlock * pb.experts * piece_stride + s0 * kBlock;
     } else {
       stage_experts<Isa>(pb, c0, s0, sc, staged);
     }
     for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
       const int64_t group = std::min(kMixGroup, B - b0);
-      repeat_over_lanes<Isa>(pb.routing + b0 * pb.experts, group * pb.experts, routing_lanes.data());
       for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
         const int64_t kc = std::min(kKc, sc - k0);
         const float* group_cols = pb.cols + b0 * pb.cols_stride + (s0 + k0) * P;
         // Every later multiply's columns are prefetched during the one before it (below).
         if (s0 == 0 && b0 == 0 && k0 == 0) prefetch_columns(group_cols, kc * P);
-        mix<Isa>(group, piece + k0 * kBlock, piece_stride, routing_lanes.data(), pb.experts, kc, panels);
+        mix<Isa>(group, piece + k0 * kBlock, piece_stride, pb.routing + b0 * pb.experts, pb.experts, kc, panels);
         for (int64_t i = 0; i < group; ++i) {
           const float* col = group_cols + i * pb.cols_stride;
           // The next multiply's columns: the next example's, else the first example's of the next

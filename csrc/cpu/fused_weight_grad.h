@@ -63,7 +63,7 @@ inline int64_t stage_rows(int64_t experts) {
   return std::max<int64_t>(kKc, rows / kKc * kKc);
 }
 
-// The thread's buffers, all 64-byte aligned: staged and grad (E x stage_rows x kBlock each),
+// The thread's buffers, all 64-byte aligned: staged and grad (E x staged_expert_stride(stage_rows) each),
 // dy_t (B x P x kBlock: the block's dy transposed), pieces (kMixGroup x kKc x kBlock).
 struct Buffers {
   float* staged;
@@ -107,8 +107,9 @@ inline void run(const Problem& pb) {
   const bool want_dr = pb.grad_routing != nullptr;
   std::vector<float> dr_parts(want_dr ? tasks * pb.batch * pb.experts : 0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const Buffers buf{fused_mix_gemm::scratch_floats(kFirstSlot, pb.experts * rows * kBlock),
-                      fused_mix_gemm::scratch_floats(kFirstSlot + 1, pb.experts * rows * kBlock),
+    const int64_t staged_floats = pb.experts * fused_mix_gemm::staged_expert_stride(rows);
+    const Buffers buf{fused_mix_gemm::scratch_floats(kFirstSlot, staged_floats),
+                      fused_mix_gemm::scratch_floats(kFirstSlot + 1, staged_floats),
                       fused_mix_gemm::scratch_floats(kFirstSlot + 2, pb.batch * pb.pixels * kBlock),
                       fused_mix_gemm::scratch_floats(kFirstSlot + 3, kMixGroup * kKc * kBlock)};
     int64_t transposed_block = -1;

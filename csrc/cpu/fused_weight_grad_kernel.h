@@ -84,7 +84,7 @@ inline void product(const float* col, int64_t P, const float* dy_t, int64_t kc, 
 
 // For the N examples' pieces (kKc * kBlock apart) of kc rows: grad[e] += sum_i r[i][e] piece_i and
 // dr[i][e] += <piece_i, staged[e]>, every expert e; grad and staged hold E pieces expert_stride
-// apart, r the routing weights repeated over a vector's lanes. Each loaded piece vector serves both
+// apart, r the examples' routing rows. Each loaded piece vector serves both
 // sums of an expert.
 template <class Isa, int N>
 inline void fold(const float* pieces, int64_t kc, const float* staged, float* grad, int64_t expert_stride,
@@ -97,7 +97,7 @@ inline void fold(const float* pieces, int64_t kc, const float* staged, float* gr
     for (int i = 0; i < N; ++i) d[i] = Isa::zero();
     // Loaded once per expert: read in the loop, each would be loaded again after every store to g,
     // which the compiler cannot tell apart from them.
-    for (int i = 0; i < N; ++i) re[i] = Isa::loadu(r + (i * experts + e) * Isa::kLanes);
+    for (int i = 0; i < N; ++i) re[i] = Isa::broadcast(r[i * experts + e]);
     for (int64_t v = 0; v < n; v += Isa::kLanes) {
       typename Isa::Vec x[N];
       for (int i = 0; i < N; ++i) x[i] = Isa::load(pieces + i * kKc * kBlock + v);
@@ -128,7 +128,7 @@ inline void write_back(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, co
   const int64_t K = pb.reduction, expert_stride = pb.out_channels * K;
   alignas(64) float line[kLine];
   for (int64_t e = 0; e < pb.experts; ++e) {
-    const float* in = grad + e * sc * kBlock;
+    const float* in = grad + e * fused_mix_gemm::staged_expert_stride(sc);
     for (int64_t j0 = 0; j0 < kBlock && c0 + j0 < pb.out_channels; j0 += W) {
       const int channels = static_cast<int>(std::min<int64_t>(W, pb.out_channels - c0 - j0));
       for (int64_t kk = 0; kk < sc; kk += kLine) {
@@ -188,18 +188,18 @@ inline void run_task(const Problem& pb, int64_t c0, int64_t s0, int64_t sc, bool
     fused_mix_gemm::stage_experts<Isa>(layer, c0, s0, sc, buf.staged);
     std::fill_n(dr_part, B * E, 0.0f);
   }
-  if (want_dw) std::fill_n(buf.grad, E * sc * kBlock, 0.0f);
-  std::vector<float> routing_lanes(kMixGroup * E * Isa::kLanes);
+  // Staged experts and their gradients in the same layout (fused_mix_gemm::staged_expert_stride).
+  const int64_t expert_stride = fused_mix_gemm::staged_expert_stride(sc);
+  if (want_dw) std::fill_n(buf.grad, E * expert_stride, 0.0f);
   for (int64_t b0 = 0; b0 < B; b0 += kMixGroup) {
     const int64_t group = std::min(kMixGroup, B - b0);
-    fused_mix_gemm::repeat_over_lanes<Isa>(pb.routing + b0 * E, group * E, routing_lanes.data());
     for (int64_t k0 = 0; k0 < sc; k0 += kKc) {
       const int64_t kc = std::min(kKc, sc - k0);
       for (int64_t i = 0; i < group; ++i)
         product<Isa>(pb.cols + (b0 + i) * pb.cols_stride + (s0 + k0) * P, P, buf.dy_t + (b0 + i) * P * kBlock, kc,
                      buf.pieces + i * kKc * kBlock);
-      fold_group<Isa>(group, buf.pieces, kc, buf.staged + k0 * kBlock, buf.grad + k0 * kBlock, sc * kBlock,
-                      routing_lanes.data(), E, want_dw, want_dr ? dr_part + b0 * E : nullptr, want_dr);
+      fold_group<Isa>(group, buf.pieces, kc, buf.staged + k0 * kBlock, buf.grad + k0 * kBlock, expert_stride,
+                      pb.routing + b0 * E, E, want_dw, want_dr ? dr_part + b0 * E : nullptr, want_dr);
     }
   }
   if (want_dw) write_back<Isa>(pb, c0, s0, sc, buf.grad);
