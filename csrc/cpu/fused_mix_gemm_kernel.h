@@ -90,11 +90,12 @@ constexpr int kMixVectors = Isa::kRegisters == 32 ? 4 : 2;
 
 // panels[i][k][0..kBlock) = sum_e r[i][e] staged[e][k][0..kBlock) for k < kc and the N examples
 // whose routing rows (E weights each) start at r, each weight broadcast from its float (a full
-// vector per weight filled 8 KB of L1 beside the panels at E = 32); panels kKc * kBlock apart, experts expert_stride apart. Per expert, kMixVectors staged vectors and the N
-// routing weights are loaded once and meet in N x kMixVectors multiply-adds: with one vector per
-// pass, every multiply-add also loaded its routing weight, and the loads, not the multiply-adds,
-// bound the mixing (about a quarter of the kernel's time at B = 32, E = 8 on the Intel Xeon, in
-// one-off perf samples).
+// vector per weight filled 8 KB of L1 beside the panels at E = 32); panels kKc * kBlock apart,
+// experts expert_stride apart. Per expert, kMixVectors staged vectors and the N routing weights
+// are loaded once and meet in N x kMixVectors multiply-adds: with one vector per pass, every
+// multiply-add also loaded its routing weight, and the loads, not the multiply-adds, bound the
+// mixing (about a quarter of the kernel's time at B = 32, E = 8 on the Intel Xeon, in one-off perf
+// samples).
 template <class Isa, int N>
 inline void mix_panels(const float* staged, int64_t expert_stride, const float* r, int64_t experts, int64_t kc,
                        float* panels) {
