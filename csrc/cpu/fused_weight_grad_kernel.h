@@ -84,8 +84,7 @@ inline void product(const float* col, int64_t P, const float* dy_t, int64_t kc, 
 
 // For the N examples' pieces (kKc * kBlock apart) of kc rows: grad[e] += sum_i r[i][e] piece_i and
 // dr[i][e] += <piece_i, staged[e]>, every expert e; grad and staged hold E pieces expert_stride
-// apart, r the examples' routing rows. Each loaded piece vector serves both
-// sums of an expert.
+// apart, r the examples' routing rows. Each loaded piece vector serves both sums of an expert.
 template <class Isa, int N>
 inline void fold(const float* pieces, int64_t kc, const float* staged, float* grad, int64_t expert_stride,
                  const float* r, int64_t experts, bool want_dw, float* dr, bool want_dr) {
