@@ -1,11 +1,11 @@
 """The CUDA kernels of csrc/cuda/, run without a GPU: compiled for the host with emulated CUDA
 (python_tests/cuda_emulation/: one host thread per CUDA thread, real block barriers and warp
-exchanges, blocks in turn) and checked against the float64 oracles the GPU tests use.
+exchanges, four blocks from across the grid at a time) and checked against the float64 oracles the
+GPU tests use.
 
 This runs the kernels' indexing, tiling, synchronisation, atomics and the host code that plans
 their launches, on every path, dtype and layout; it cannot show what only the device does (its
-memory model, its speed, races between blocks). Kept small: every emulated CUDA thread is a host
-thread.
+memory model, its scheduling, its speed). Kept small: every emulated CUDA thread is a host thread.
 """
 
 import math
@@ -64,6 +64,7 @@ def cond_conv2d_case(emulated, shape, dtype, channels_last, batch=3, experts=4):
     grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (y_ref * grad).sum().backward()
     grads = emulated._cond_conv2d_backward(grad.to(dtype), x, r, w, b, *args, [True] * 4)
+    assert grads[0].stride() == x.stride()  # laid out like x, as the fake kernel promises
     for arg, got, want in zip(("x", "routing", "weight", "bias"), grads, ref):
         assert got.shape == want.shape, arg
         assert rel_err(got, want.grad) < 4 * tol, arg

@@ -3,8 +3,8 @@ whose ops, ``torch.ops.condkernels_emulated.<op>``, take CPU tensors.
 
 Each .cu file is rewritten only where C++ cannot read it: the CUDA headers give way to the
 emulation header, each launch ``k<<<grid, block, shared, stream>>>(args)`` becomes
-``::emu::launch(::emu::Config(grid, block, shared, stream), k, args)``, dynamic shared memory is
-a per-block buffer, and the CUDA registrations become CPU ones of the same schemas under the
+``::emu::launch(::emu::Config(grid, block, shared, stream), k, args)``, shared memory (each
+``__shared__`` declaration and the dynamic buffer) is the running block's own, and the CUDA registrations become CPU ones of the same schemas under the
 namespace ``condkernels_emulated`` (copied from the loaded ``condkernels`` ops). The kernels'
 bodies, the shared host/device headers and the host code that plans the launches are compiled as
 they are.
@@ -25,6 +25,7 @@ SOURCES = ("beta_cdf.cu", "batch_shaping_loss.cu", "cond_conv2d.cu", "gated_conv
 _CUDA_INCLUDE = re.compile(r"^#include <(ATen/cuda/|c10/cuda/)[^>]*>\n", re.M)
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 _DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];")
+_SHARED = re.compile(r"__shared__ ([\w:<>, ]+?) (\w+)((?:\[[^\]]+\])*);")
 _REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(condkernels, CUDA, m\) \{(.*?)\n\}", re.S)
 _IMPL = re.compile(r'm\.impl\("(\w+)"')
 
@@ -39,6 +40,7 @@ def emulated_source(cu: str) -> tuple[str, list[str]]:
     text, launches = _LAUNCH.subn(r"::emu::launch(::emu::Config(\2), \1, ", text)
     assert launches > 0, "no kernel launch found"
     text = _DYNAMIC_SHARED.sub(r"unsigned char* \1 = ::emu::dynamic_shared();", text)
+    text = _SHARED.sub(r"auto& \2 = ::emu::block_shared<\1\3, __LINE__>();", text)
     registration = _REGISTRATION.search(text)
     assert registration is not None, "no CUDA registration found"
     ops = _IMPL.findall(registration.group(1))

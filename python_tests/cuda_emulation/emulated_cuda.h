@@ -4,9 +4,11 @@
 // stream), k, args)` and includes this header in place of the CUDA ones).
 //
 // Every thread of a block is a host thread, so __syncthreads, warp shuffles and ballots are real
-// rendezvous; blocks run one after another, which lets __shared__ arrays be static locals. It
-// checks the kernels' indexing, synchronisation and arithmetic, not their speed, memory model or
-// resource use (python_tests/test_cuda_launch_resources.py reads those from the compiled code).
+// rendezvous; a few blocks run at once, each with its own __shared__ variables (build.py makes
+// each declaration a reference to the block's copy, emu::block_shared), so that blocks also race
+// for global memory as on the device. It checks the kernels' indexing, synchronisation and
+// arithmetic, not their speed, the device's memory model or resource use
+// (python_tests/test_cuda_launch_resources.py reads those from the compiled code).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -31,7 +34,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-#define __shared__ static
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -47,7 +49,7 @@ struct Stream {};
 
 struct Block {
   explicit Block(int threads)
-      : barrier(threads), warps((threads + 31) / 32), shared_bytes(0) {
+      : barrier(threads), warps((threads + 31) / 32) {
     for (int w = 0; w < static_cast<int>(warps.size()); ++w)
       warps[w] = std::make_unique<Warp>(std::min(32, threads - 32 * w));
   }
@@ -60,7 +62,17 @@ struct Block {
   std::barrier<> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<unsigned char> dynamic_shared;
-  size_t shared_bytes;
+  // The block's __shared__ variables, by declaration, made on first use and filled with garbage.
+  std::mutex statics_mutex;
+  std::map<const void*, std::vector<unsigned char>> statics;
+
+  void* shared_variable(const void* key, size_t bytes) {
+    std::lock_guard<std::mutex> lock(statics_mutex);
+    auto& slot = statics[key];
+    if (slot.empty()) slot.assign(bytes + 64, 0xA5);
+    return aligned(slot.data());
+  }
+  static void* aligned(unsigned char* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64; }
 };
 
 struct ThreadState {
@@ -87,7 +99,16 @@ struct Config {
   size_t shared;
 };
 
-inline unsigned char* dynamic_shared() { return state().block->dynamic_shared.data(); }
+inline unsigned char* dynamic_shared() {
+  return static_cast<unsigned char*>(Block::aligned(state().block->dynamic_shared.data()));
+}
+
+// `__shared__ T name;` as build.py rewrites it: `auto& name = emu::block_shared<T, __LINE__>();`.
+template <class T, int Line>
+T& block_shared() {
+  static const char key = 0;  // one per declaration (and type)
+  return *static_cast<T*>(state().block->shared_variable(&key, sizeof(T)));
+}
 
 // Host threads kept for the emulated CUDA threads of one block at a time (made on first need and
 // kept for the process: starting 256 threads for every block made the tests slow).
@@ -138,6 +159,10 @@ class ThreadPool {
   const std::function<void(int)>* body_ = nullptr;
 };
 
+// Blocks run at once, taken from across the grid (wave w runs blocks w, w + waves, ...): blocks
+// that update the same memory usually differ in their slowest grid index, far apart in launch order.
+constexpr int kConcurrentBlocks = 4;
+
 // Runs kernel(args...) once per thread of every block of the grid.
 template <class... P, class... A>
 void launch(const Config& c, void (*kernel)(P...), A&&... a) {
@@ -145,25 +170,33 @@ void launch(const Config& c, void (*kernel)(P...), A&&... a) {
   const int threads = static_cast<int>(c.block.x * c.block.y * c.block.z);
   TORCH_CHECK(threads >= 1 && threads <= 1024, "emulated launch: ", threads, " threads per block");
   TORCH_CHECK(c.shared <= 227 * 1024, "emulated launch: ", c.shared, " bytes of dynamic shared memory");
-  for (unsigned bz = 0; bz < c.grid.z; ++bz)
-    for (unsigned by = 0; by < c.grid.y; ++by)
-      for (unsigned bx = 0; bx < c.grid.x; ++bx) {
-        Block block(threads);
-        block.dynamic_shared.assign(c.shared + 16, 0xA5);  // not zero: kernels must not assume it
-        const std::function<void(int)> body = [&](int t) {
-          ThreadState& s = state();
-          s.thread_idx = uint3{t % c.block.x, (t / c.block.x) % c.block.y, t / (c.block.x * c.block.y)};
-          s.block_idx = uint3{bx, by, bz};
-          s.block_dim = c.block;
-          s.grid_dim = c.grid;
-          s.block = &block;
-          std::apply(kernel, args);
-          // An exited thread no longer holds up the others' barriers, as on the device.
-          block.warps[t / 32]->barrier.arrive_and_drop();
-          block.barrier.arrive_and_drop();
-        };
-        ThreadPool::get().run(threads, body);
-      }
+  const int64_t blocks = int64_t{c.grid.x} * c.grid.y * c.grid.z;
+  const int64_t waves = (blocks + kConcurrentBlocks - 1) / kConcurrentBlocks;
+  for (int64_t first = 0; first < waves; ++first) {
+    const int wave = static_cast<int>((blocks - first + waves - 1) / waves);  // blocks first + i * waves
+    std::vector<std::unique_ptr<Block>> wave_blocks;
+    for (int i = 0; i < wave; ++i) {
+      wave_blocks.push_back(std::make_unique<Block>(threads));
+      wave_blocks.back()->dynamic_shared.assign(c.shared + 64, 0xA5);  // not zero: kernels must not assume it
+    }
+    const std::function<void(int)> body = [&](int id) {
+      const int i = id / threads, t = id % threads;
+      const int64_t linear = first + i * waves;
+      Block& block = *wave_blocks[i];
+      ThreadState& s = state();
+      s.thread_idx = uint3{t % c.block.x, (t / c.block.x) % c.block.y, t / (c.block.x * c.block.y)};
+      s.block_idx = uint3{static_cast<unsigned>(linear % c.grid.x), static_cast<unsigned>(linear / c.grid.x % c.grid.y),
+                          static_cast<unsigned>(linear / (int64_t{c.grid.x} * c.grid.y))};
+      s.block_dim = c.block;
+      s.grid_dim = c.grid;
+      s.block = &block;
+      std::apply(kernel, args);
+      // An exited thread no longer holds up the others' barriers, as on the device.
+      block.warps[t / 32]->barrier.arrive_and_drop();
+      block.barrier.arrive_and_drop();
+    };
+    ThreadPool::get().run(wave * threads, body);
+  }
 }
 
 inline int lane() {
