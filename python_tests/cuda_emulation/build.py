@@ -4,10 +4,10 @@ whose ops, ``torch.ops.condkernels_emulated.<op>``, take CPU tensors.
 Each .cu file is rewritten only where C++ cannot read it: the CUDA headers give way to the
 emulation header, each launch ``k<<<grid, block, shared, stream>>>(args)`` becomes
 ``::emu::launch(::emu::Config(grid, block, shared, stream), k, args)``, shared memory (each
-``__shared__`` declaration and the dynamic buffer) is the running block's own, and the CUDA registrations become CPU ones of the same schemas under the
-namespace ``condkernels_emulated`` (copied from the loaded ``condkernels`` ops). The kernels'
-bodies, the shared host/device headers and the host code that plans the launches are compiled as
-they are.
+``__shared__`` declaration and the dynamic buffer) is the running block's own, and the CUDA
+registrations become CPU ones of the same schemas under the namespace ``condkernels_emulated``
+(copied from the loaded ``condkernels`` ops). The kernels' bodies, the shared host/device headers
+and the host code that plans the launches are compiled as they are.
 """
 
 from __future__ import annotations
