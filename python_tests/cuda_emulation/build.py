@@ -20,7 +20,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
 NAMESPACE = "condkernels_emulated"
-SOURCES = ("beta_cdf.cu", "batch_shaping_loss.cu", "cond_conv2d.cu", "gated_conv2d.cu")
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))  # every CUDA file; each must register its ops
 
 _CUDA_INCLUDE = re.compile(r"^#include <(ATen/cuda/|c10/cuda/)[^>]*>\n", re.M)
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
@@ -71,10 +71,10 @@ def build(build_dir: pathlib.Path, verbose: bool = False):
     library = pathlib.Path(condkernels._library._C.__file__).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     sources, ops = [], []
-    for name in SOURCES:
-        text, file_ops = emulated_source((ROOT / "csrc" / "cuda" / name).read_text())
+    for source in SOURCES:
+        text, file_ops = emulated_source(source.read_text())
         ops += file_ops
-        path = build_dir / (pathlib.Path(name).stem + "_emulated.cpp")
+        path = build_dir / (source.stem + "_emulated.cpp")
         if not path.exists() or path.read_text() != text:  # unchanged files keep their objects
             path.write_text(text)
         sources.append(str(path))
