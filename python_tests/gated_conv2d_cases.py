@@ -1,4 +1,5 @@
-"""Inputs and the float64 oracle shared by the gated_conv2d backend tests (Triton, CUDA)."""
+"""Inputs, the float64 oracle and the check shared by the gated_conv2d backend tests (Triton, CUDA,
+emulated CUDA)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,39 @@ def public_args(case: Case):
     h0, h1, w0, w1 = case.padding
     assert h0 == h1 and w0 == w1, "asymmetric padding reaches the public function only as 'same'"
     return case.stride, (h0, w0), case.dilation, case.groups
+
+
+# Relative to the largest reference magnitude: fp32 accumulation over at most a few hundred terms.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def close(actual, expected, dtype):
+    tol = TOLERANCES[dtype]
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double().cpu(), expected, rtol=tol, atol=tol * scale)
+
+
+def check_forward_and_every_gradient(forward_op, with_ungated_op, backward_op, case: Case, dtype, device):
+    """The three ops of one backend (forward, forward with the ungated output, backward) against the
+    oracle: outputs, closed channels exactly zero, every gradient with and without the saved ungated
+    output."""
+    inputs = make_inputs(case, dtype=dtype, device=device)
+    args = conv_args(case)
+    y = forward_op(*inputs, *args)
+    out, ungated = with_ungated_op(*inputs, *args)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    # The oracle sees the inputs as rounded to `dtype`, so only the arithmetic differs.
+    y_ref, ungated_ref, grads_ref = oracle(inputs, case, grad_out)
+    close(y, y_ref, dtype)
+    close(out, y_ref, dtype)
+    close(ungated, ungated_ref, dtype)
+    if inputs[4] is not None:
+        closed = (inputs[4] == 0)[:, :, None, None].expand_as(y)
+        assert (y[closed] == 0).all()
+    for saved in (None, ungated):
+        grads = backward_op(grad_out, *inputs, saved, *args, [True] * 5)
+        for got, expected in zip(grads, grads_ref):
+            if expected is None:
+                assert got.numel() == 0
+            else:
+                close(got, expected, dtype)

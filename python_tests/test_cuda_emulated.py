@@ -17,18 +17,14 @@ import scipy.special
 import torch
 
 from gated_conv2d_cases import CASES as GATED_CASES
-from gated_conv2d_cases import Case, conv_args, oracle
-from gated_conv2d_cases import make_inputs as gated_inputs
+from gated_conv2d_cases import Case, check_forward_and_every_gradient
 from test_cond_conv2d import make_inputs, pad4, per_example_oracle
-from test_cond_conv2d_cuda import SHAPE, SHAPES
+from test_cond_conv2d_cuda import DTYPE_TOL, SHAPE, SHAPES
+from test_cond_conv2d_cuda import _rel_err as rel_err
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
-
-# Relative to the largest reference magnitude (as in the GPU tests).
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-GATED_TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +32,6 @@ def emulated():
     from cuda_emulation import build
 
     return build.build(ROOT / "build" / "cuda_emulation")
-
-
-def rel_err(got, want):
-    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 # --- cond_conv2d ----------------------------------------------------------------------------------
@@ -59,7 +51,7 @@ def cond_conv2d_case(emulated, shape, dtype, channels_last, batch=3, experts=4):
 
     ref = [t.detach().double().clone().requires_grad_(True) for t in (x, r, w, b)]
     y_ref = per_example_oracle(*ref, stride, p4, dilation, groups)
-    tol = TOLERANCES[dtype]
+    tol = DTYPE_TOL[dtype]  # the GPU test's
     assert rel_err(y, y_ref) < tol, "y"
     grad = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (y_ref * grad).sum().backward()
@@ -98,31 +90,9 @@ GATED_RUNS = [(case, dtype) for case in GATED_CASES for dtype in (torch.float32,
 
 @pytest.mark.parametrize("case,dtype", GATED_RUNS, ids=[f"{c}-{d}" for c, d in GATED_RUNS])
 def test_gated_conv2d_forward_and_every_gradient(emulated, case: Case, dtype):
-    inputs = gated_inputs(case, dtype=dtype)
-    args = conv_args(case)
-    y = emulated.gated_conv2d(*inputs, *args)
-    out, ungated = emulated._gated_conv2d_with_ungated(*inputs, *args)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    y_ref, ungated_ref, grads_ref = oracle(inputs, case, grad_out)
-    tol = GATED_TOLERANCES[dtype]
-
-    def close(got, want):
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
-
-    close(y, y_ref)
-    close(out, y_ref)
-    close(ungated, ungated_ref)
-    if inputs[4] is not None:
-        closed = (inputs[4] == 0)[:, :, None, None].expand_as(y)
-        assert (y[closed] == 0).all()
-    for saved in (None, ungated):
-        grads = emulated._gated_conv2d_backward(grad_out, *inputs, saved, *args, [True] * 5)
-        for got, want in zip(grads, grads_ref):
-            if want is None:
-                assert got.numel() == 0
-            else:
-                close(got, want)
+    """The GPU test's check (and tolerances), on the emulated ops."""
+    check_forward_and_every_gradient(emulated.gated_conv2d, emulated._gated_conv2d_with_ungated,
+                                     emulated._gated_conv2d_backward, case, dtype, "cpu")
 
 
 # --- beta CDF and the batch-shaping loss ----------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 
 import condkernels
 from conftest import needs_cuda_kernels
-from gated_conv2d_cases import CASES, Case, conv_args, make_inputs, oracle, public_args
+from gated_conv2d_cases import (CASES, TOLERANCES, Case, check_forward_and_every_gradient, close, conv_args,
+                                make_inputs, oracle, public_args)
 
 pytestmark = needs_cuda_kernels
 
@@ -16,39 +17,11 @@ forward_op = torch.ops.condkernels.gated_conv2d.default
 with_ungated_op = torch.ops.condkernels._gated_conv2d_with_ungated.default
 backward_op = torch.ops.condkernels._gated_conv2d_backward.default
 
-# Relative to the largest reference magnitude: fp32 accumulation over at most a few hundred terms.
-TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def close(actual, expected, dtype):
-    tol = TOLERANCES[dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double().cpu(), expected, rtol=tol, atol=tol * scale)
-
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_and_every_gradient(case: Case, dtype):
-    inputs = make_inputs(case, dtype=dtype, device="cuda")
-    args = conv_args(case)
-    y = forward_op(*inputs, *args)
-    out, ungated = with_ungated_op(*inputs, *args)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
-    # The oracle sees the inputs as rounded to `dtype`, so only the arithmetic differs.
-    y_ref, ungated_ref, grads_ref = oracle(inputs, case, grad_out)
-    close(y, y_ref, dtype)
-    close(out, y_ref, dtype)
-    close(ungated, ungated_ref, dtype)
-    if inputs[4] is not None:
-        closed = (inputs[4] == 0)[:, :, None, None].expand_as(y)
-        assert (y[closed] == 0).all()
-    for saved in (None, ungated):
-        grads = backward_op(grad_out, *inputs, saved, *args, [True] * 5)
-        for got, expected in zip(grads, grads_ref):
-            if expected is None:
-                assert got.numel() == 0
-            else:
-                close(got, expected, dtype)
+    check_forward_and_every_gradient(forward_op, with_ungated_op, backward_op, case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -78,6 +78,7 @@ struct Block {
 struct ThreadState {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
+  int rank = 0;  // the thread's linear index in its block: lane rank % 32 of warp rank / 32
   Block* block = nullptr;
 };
 
@@ -189,6 +190,7 @@ void launch(const Config& c, void (*kernel)(P...), A&&... a) {
                           static_cast<unsigned>(linear / (int64_t{c.grid.x} * c.grid.y))};
       s.block_dim = c.block;
       s.grid_dim = c.grid;
+      s.rank = t;
       s.block = &block;
       std::apply(kernel, args);
       // An exited thread no longer holds up the others' barriers, as on the device.
@@ -199,16 +201,8 @@ void launch(const Config& c, void (*kernel)(P...), A&&... a) {
   }
 }
 
-inline int lane() {
-  const ThreadState& s = state();
-  const unsigned t = s.thread_idx.x + s.block_dim.x * (s.thread_idx.y + s.block_dim.y * s.thread_idx.z);
-  return static_cast<int>(t % 32);
-}
-inline Block::Warp& warp() {
-  const ThreadState& s = state();
-  const unsigned t = s.thread_idx.x + s.block_dim.x * (s.thread_idx.y + s.block_dim.y * s.thread_idx.z);
-  return *s.block->warps[t / 32];
-}
+inline int lane() { return state().rank % 32; }
+inline Block::Warp& warp() { return *state().block->warps[state().rank / 32]; }
 
 }  // namespace emu
 
@@ -257,12 +251,8 @@ using std::min;
 
 using cudaStream_t = ::emu::Stream;
 
-struct cudaDeviceProp {
+struct cudaDeviceProp {  // the fields the kernels' host code reads
   int multiProcessorCount = 2;
-  int maxThreadsPerBlock = 1024;
-  size_t sharedMemPerBlock = 48 * 1024;
-  size_t sharedMemPerBlockOptin = 227 * 1024;
-  int major = 9, minor = 0;
 };
 
 namespace at::cuda {
