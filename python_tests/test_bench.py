@@ -155,3 +155,29 @@ def test_tiny_run_writes_rows_csv_plots_and_report(tiny_suites, tmp_path, capsys
     (tmp_path / "benchmarks.md").unlink()
     assert runner.main(["--report-only", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "benchmarks.md").read_text() == md
+
+
+def test_a_run_cut_short_keeps_the_rows_of_the_cases_it_finished(tiny_suites, tmp_path, monkeypatch):
+    argv = ["--threads", "1", "--rounds", "2", "--out", str(tmp_path), "--suite", "condconv", "--filter", "B=2"]
+    assert runner.main(argv + ["--filter", "E=8 "]) == 0  # the case the cut run will not reach
+    earlier = json.loads((tmp_path / "results" / "benchmarks.json").read_text())["rows"]
+    measure = runner.run_case
+    finished = []
+
+    def stop_at_the_third_case(case, *args):
+        if len(finished) == 2:
+            raise KeyboardInterrupt  # as a time limit or a lost machine would stop the run
+        finished.append(case.name)
+        return measure(case, *args)
+
+    monkeypatch.setattr(runner, "run_case", stop_at_the_third_case)
+    with pytest.raises(KeyboardInterrupt):
+        runner.main(argv)
+    data = json.loads((tmp_path / "results" / "benchmarks.json").read_text())
+    kept = {r["case"] for r in data["rows"]}
+    assert len(finished) == 2 and set(finished) <= kept
+    assert {r["case"] for r in earlier} <= kept  # the earlier run's rows stay beside them
+    assert len(data["runs"]) == 2
+    assert not list((tmp_path / "results").glob("*.tmp"))
+    assert runner.main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "## cond_conv2d (cpu)" in (tmp_path / "benchmarks.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +47,22 @@ def merge(old: dict, runs: list[dict], rows: list[dict]) -> dict:
 
 
 def save(out: Path, data: dict) -> tuple[Path, Path]:
+    """Writes both files whole or not at all (each written beside itself, then renamed over it): a run
+    stopped while saving leaves the previous rows."""
     out = Path(out)
     json_path, csv_path = out / JSON_NAME, out / CSV_NAME
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(json_path, "w") as f:
+    with open(json_path.with_suffix(".json.tmp"), "w") as f:
         json.dump(data, f, indent=1)
     fields: list[str] = []
     for r in data["rows"]:
         fields += [k for k in r if k not in fields]
-    with open(csv_path, "w", newline="") as f:
+    with open(csv_path.with_suffix(".csv.tmp"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(data["rows"])
+    os.replace(json_path.with_suffix(".json.tmp"), json_path)
+    os.replace(csv_path.with_suffix(".csv.tmp"), csv_path)
     return json_path, csv_path
 
 

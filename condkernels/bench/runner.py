@@ -206,6 +206,7 @@ def main(argv=None) -> int:
           f"GEMM {meta['gemm_gmac_s']} GMAC/s ({meta['dtype']})", flush=True)
     common = {k: meta[k] for k in ("date", "device", "device_name", "torch", "condkernels", "bandwidth_gb_s",
                                    "gemm_gmac_s")}
+    old = None if args.no_report else results.load(out)
     rows = []
     for case in cases:
         progress.show(case.name)
@@ -214,11 +215,13 @@ def main(argv=None) -> int:
         progress.done += 1
         progress.clear()
         print(format_case(case_rows), flush=True)
+        if old is not None:
+            # After every case, so that a run cut short (a time limit, a lost machine) keeps its rows:
+            # `--report-only` makes the report from them.
+            json_path, csv_path = results.save(out, results.merge(old, [meta], rows))
     progress.clear()
     if args.no_report:
         return 0
-    data = results.merge(results.load(out), [meta], rows)
-    json_path, csv_path = results.save(out, data)
     md = report.generate(out)
     print(f"wrote {json_path}, {csv_path}, {md} and {out / report.FIGURES}/")
     return 0
