@@ -81,7 +81,8 @@ def l0_gate_loss(logits: Tensor, gamma: float, reduction: str = "mean_over_batch
     total = torch.sigmoid(logits).sum()
     if reduction == "mean_over_batch":
         if logits.dim() < 1 or logits.shape[0] < 1:
-            raise ValueError(f"l0_gate_loss: logits must hold at least 1 example for 'mean_over_batch', got shape {tuple(logits.shape)}")
+            raise ValueError("l0_gate_loss: logits must hold at least 1 example for 'mean_over_batch', "
+                             f"got shape {tuple(logits.shape)}")
         total = total / logits.shape[0]
     return gamma * total
 

@@ -247,7 +247,8 @@ def test_incoming_gradient_is_used(device, backend):
     grads = []
     for upstream in (1.0, -3.0, 0.0):
         g = gates.clone().requires_grad_(True)
-        condkernels.batch_shaping_loss(g, backend=backend).backward(torch.tensor(upstream, dtype=g.dtype, device=device))
+        loss = condkernels.batch_shaping_loss(g, backend=backend)
+        loss.backward(torch.tensor(upstream, dtype=g.dtype, device=device))
         grads.append(g.grad.cpu())
     torch.testing.assert_close(grads[1], -3.0 * grads[0])
     assert (grads[2] == 0).all()
@@ -270,8 +271,8 @@ def test_opcheck():
     gates = gates_like(7, (3, 2), seed=12)
     for requires_grad in (False, True):
         for prior, p0, p1 in [("beta", 0.6, 0.4), ("gaussian", 0.5, 0.3), ("uniform", 0.0, 1.0)]:
-            torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss.default,
-                                  (gates.clone().requires_grad_(requires_grad), prior, p0, p1, "paper", 1e-3, 100.0, 1e-6))
+            args = (gates.clone().requires_grad_(requires_grad), prior, p0, p1, "paper", 1e-3, 100.0, 1e-6)
+            torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss.default, args)
     # the second output is the gradient, already at each value's batch row
     _, grad_gates = torch.ops.condkernels.batch_shaping_loss(gates, "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6)
     _, want = oracle(gates.numpy().reshape(7, -1))
@@ -337,8 +338,8 @@ def test_triton_opcheck():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gates = gates_like(6, (3,), seed=16).to(device)
     for requires_grad in (False, True):
-        torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss_triton.default,
-                              (gates.clone().requires_grad_(requires_grad), "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6))
+        args = (gates.clone().requires_grad_(requires_grad), "beta", 0.6, 0.4, "paper", 1e-3, 100.0, 1e-6)
+        torch.library.opcheck(torch.ops.condkernels.batch_shaping_loss_triton.default, args)
 
 
 def test_autocast_computes_in_float32():

@@ -70,5 +70,6 @@ def test_two_ranks_gloo_match_one_process_on_the_concatenated_batch():
 
 def test_process_group_needs_initialised_default_group():
     assert not dist.is_initialized()
-    with pytest.raises(RuntimeError, match="process_group was given but torch.distributed has no initialised default group"):
+    message = "process_group was given but torch.distributed has no initialised default group"
+    with pytest.raises(RuntimeError, match=message):
         condkernels.batch_shaping_loss(torch.rand(4, 2, dtype=torch.float64), process_group=object())

@@ -43,7 +43,8 @@ def test_matches_scipy_with_tensor_parameters(device, backend, dtype):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("a,b", [(0.6, 0.4), (0.05, 0.05), (50.0, 50.0), (0.05, 50.0), (50.0, 0.05), (2.0, 5.0), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    "a,b", [(0.6, 0.4), (0.05, 0.05), (50.0, 50.0), (0.05, 50.0), (50.0, 0.05), (2.0, 5.0), (1.0, 1.0)])
 def test_matches_scipy_with_number_parameters(device, backend, dtype, a, b):
     x = torch.tensor(random_points(_size(backend, 2000), seed=2)[0], dtype=dtype, device=device)
     got = condkernels.beta_cdf(x, a, b, backend=backend)
@@ -72,13 +73,15 @@ def test_many_values_table_path_matches_scipy(dtype, a, b):
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_edges_and_nan(device, backend):
-    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, float("nan"), float("-inf"), float("inf"), 0.5], dtype=torch.float64, device=device)
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.0, float("nan"), float("-inf"), float("inf"), 0.5], dtype=torch.float64,
+                     device=device)
     got = condkernels.beta_cdf(x, 0.6, 0.4, backend=backend).cpu()
     torch.testing.assert_close(got[:4], torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
     assert torch.isnan(got[4])
     assert got[5] == 0 and got[6] == 1
     # a parameter tensor with a non-positive entry gives NaN there, not a crash
-    y = condkernels.beta_cdf(x[-1:].expand(3), torch.tensor([0.6, 0.0, -1.0], dtype=torch.float64, device=device), 0.4, backend=backend)
+    a = torch.tensor([0.6, 0.0, -1.0], dtype=torch.float64, device=device)
+    y = condkernels.beta_cdf(x[-1:].expand(3), a, 0.4, backend=backend)
     assert torch.isfinite(y[0]) and torch.isnan(y[1:]).all()
 
 
@@ -131,9 +134,11 @@ def test_opcheck():
     for a, b in [(torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)),
                  (torch.rand(3, dtype=torch.float64) + 0.1, torch.tensor([[2.0]], dtype=torch.float64))]:
         for requires_grad in (False, True):
-            torch.library.opcheck(torch.ops.condkernels.beta_cdf.default, (x.clone().requires_grad_(requires_grad), a, b))
+            torch.library.opcheck(torch.ops.condkernels.beta_cdf.default,
+                                  (x.clone().requires_grad_(requires_grad), a, b))
     grad = torch.rand(4, 3, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.condkernels._beta_cdf_backward.default, (grad, x, torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)))
+    a, b = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.condkernels._beta_cdf_backward.default, (grad, x, a, b))
 
 
 def test_torch_compile_fullgraph():
@@ -142,7 +147,8 @@ def test_torch_compile_fullgraph():
     y = fn(x)
     torch.testing.assert_close(y, condkernels.beta_cdf(x, 0.6, 0.4) * 2)
     y.sum().backward()
-    torch.testing.assert_close(x.grad, torch.from_numpy(2 * scipy.stats.beta.pdf(x.detach().double().numpy(), 0.6, 0.4)).float(), rtol=1e-5, atol=1e-5)
+    density = scipy.stats.beta.pdf(x.detach().double().numpy(), 0.6, 0.4)
+    torch.testing.assert_close(x.grad, torch.from_numpy(2 * density).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_half_precision_inputs():
@@ -190,4 +196,5 @@ def test_triton_opcheck():
     a = torch.tensor(0.6, dtype=torch.float64, device=device)
     b = torch.rand(3, dtype=torch.float64, device=device) + 0.2
     for requires_grad in (False, True):
-        torch.library.opcheck(torch.ops.condkernels.beta_cdf_triton.default, (x.clone().requires_grad_(requires_grad), a, b))
+        torch.library.opcheck(torch.ops.condkernels.beta_cdf_triton.default,
+                              (x.clone().requires_grad_(requires_grad), a, b))

@@ -125,7 +125,8 @@ def test_forward_and_gradients_match_oracle(cfg, device, backend):
 
 
 # Small enough that finite differences over every input element stay cheap.
-GRADCHECK_LAYERS = {"pointwise": (4, 6, 1, 1), "depthwise": (4, 4, 4, 3), "dense_k3": (3, 4, 1, 3), "grouped": (4, 6, 2, 3)}
+GRADCHECK_LAYERS = {"pointwise": (4, 6, 1, 1), "depthwise": (4, 4, 4, 3), "dense_k3": (3, 4, 1, 3),
+                    "grouped": (4, 6, 2, 3)}
 
 
 @pytest.mark.parametrize("device,backend", COMPILED_BACKENDS)
@@ -256,13 +257,16 @@ BAD_INPUTS = [
     ("routing has 3 rows", lambda x, r, w, b: dict(routing=torch.cat([r, r[:1]]))),
     ("routing has 2 experts", lambda x, r, w, b: dict(routing=r[:, :2])),
     ("weight must be a 5-D", lambda x, r, w, b: dict(weight=w[0])),
-    ("weight has 3 input channels per group", lambda x, r, w, b: dict(weight=torch.randn(3, 6, 3, 3, 3, dtype=w.dtype))),
+    ("weight has 3 input channels per group",
+     lambda x, r, w, b: dict(weight=torch.randn(3, 6, 3, 3, 3, dtype=w.dtype))),
     ("in_channels (4) is not divisible by groups (3)", lambda x, r, w, b: dict(groups=3)),
-    ("out_channels (6) is not divisible by groups (4)", lambda x, r, w, b: dict(groups=4, weight=torch.randn(3, 6, 1, 3, 3, dtype=w.dtype))),
+    ("out_channels (6) is not divisible by groups (4)",
+     lambda x, r, w, b: dict(groups=4, weight=torch.randn(3, 6, 1, 3, 3, dtype=w.dtype))),
     ("bias must have shape", lambda x, r, w, b: dict(bias=b[:, :2])),
     ("routing has dtype torch.float32", lambda x, r, w, b: dict(routing=r.float())),
     ("weight has dtype torch.float32", lambda x, r, w, b: dict(weight=w.float())),
-    ("larger than the padded input", lambda x, r, w, b: dict(weight=torch.randn(3, 6, 4, 9, 9, dtype=w.dtype), padding=0)),
+    ("larger than the padded input",
+     lambda x, r, w, b: dict(weight=torch.randn(3, 6, 4, 9, 9, dtype=w.dtype), padding=0)),
     ("stride must be positive", lambda x, r, w, b: dict(stride=0)),
     ("dilation must be positive", lambda x, r, w, b: dict(dilation=(1, -1))),
     ("padding must be an int, a pair, 'valid' or 'same'", lambda x, r, w, b: dict(padding="full")),

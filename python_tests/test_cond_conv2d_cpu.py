@@ -115,7 +115,8 @@ def test_single_expert_routing_gradient_at_zero_and_negative_routing(channels_la
     grad_out = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     _, want = oracle_with_grads(x, r, w, b, *args[:3], 1, grad_out)
     assert want[1][0].abs().item() > 1e-3 and want[1][3].abs().item() > 1e-3  # the case tests something
-    for mask in ([True] * 4, [False, True, False, False], [True, True, False, False], [False, True, True, True]):
+    for mask in ([True] * 4, [False, True, False, False], [True, True, False, False], [False, True, True, True],
+                 [False, False, True, False], [False, False, False, True]):
         got = BACKWARD(grad_out, x, r, w, b, *args, mask)
         for i, (g, ref) in enumerate(zip(got, want)):
             if mask[i] and ref is not None:

@@ -179,7 +179,8 @@ def test_inference_and_detached_gates(cfg, device, backend, dense_above, path):
     y_ref = oracle_for(cfg, x.cpu(), w.cpu(), None if b is None else b.cpu(),
                        None if ig is None else ig.cpu(), None if og is None else og.cpu())
     with torch.no_grad():
-        torch.testing.assert_close(call(backend, x, w, b, ig, og, **conv_kwargs(cfg)).cpu(), y_ref, rtol=1e-9, atol=1e-9)
+        y = call(backend, x, w, b, ig, og, **conv_kwargs(cfg)).cpu()
+        torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     leaves = [t.requires_grad_(True) for t in (x, w, b) if t is not None]
     y = call(backend, x, w, b, ig, og, **conv_kwargs(cfg))
     grads = torch.autograd.grad(y.square().sum(), leaves)
@@ -591,9 +592,11 @@ BAD_INPUTS = [
     ("out_gate is on meta", lambda x, w, b, ig, og: dict(out_gate=og.to("meta"))),
     ("weight has dtype torch.float32", lambda x, w, b, ig, og: dict(weight=w.float())),
     ("bias must have shape", lambda x, w, b, ig, og: dict(bias=b[:2])),
-    ("weight has 3 input channels per group", lambda x, w, b, ig, og: dict(weight=torch.randn(6, 3, 3, 3, dtype=w.dtype))),
+    ("weight has 3 input channels per group",
+     lambda x, w, b, ig, og: dict(weight=torch.randn(6, 3, 3, 3, dtype=w.dtype))),
     ("in_channels \\(4\\) is not divisible by groups \\(3\\)", lambda x, w, b, ig, og: dict(groups=3)),
-    ("larger than the padded input", lambda x, w, b, ig, og: dict(weight=torch.randn(6, 4, 9, 9, dtype=w.dtype), padding=0)),
+    ("larger than the padded input",
+     lambda x, w, b, ig, og: dict(weight=torch.randn(6, 4, 9, 9, dtype=w.dtype), padding=0)),
     ("stride must be positive", lambda x, w, b, ig, og: dict(stride=0)),
     ("padding must be non-negative", lambda x, w, b, ig, og: dict(padding=-1)),
     ("backend must be one of", lambda x, w, b, ig, og: dict(backend="mkl")),

@@ -35,8 +35,10 @@ def test_soft_training_gate_and_inference():
     assert ((soft > 0) & (soft < 1)).all()
     # inference: deterministic, no noise
     for _ in range(3):
-        torch.testing.assert_close(condkernels.binary_concrete_gate(logits, training=False), torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
-    torch.testing.assert_close(condkernels.binary_concrete_gate(logits, tau=0.5, hard=False, training=False), torch.sigmoid(logits / 0.5))
+        torch.testing.assert_close(condkernels.binary_concrete_gate(logits, training=False),
+                                   torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(condkernels.binary_concrete_gate(logits, tau=0.5, hard=False, training=False),
+                               torch.sigmoid(logits / 0.5))
 
 
 def test_gate_probability_is_the_soft_value():

@@ -74,7 +74,8 @@ def test_channel_gate_eval_is_deterministic_threshold():
     pooled = x.double().mean((2, 3))
     h = pooled @ gate.fc1.weight.double().T + gate.fc1.bias.double()
     bn = gate.bn
-    h = (h - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) * bn.weight.double() + bn.bias.double()
+    h = (h - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps)
+    h = h * bn.weight.double() + bn.bias.double()
     logits = torch.relu(h) @ gate.fc2.weight.double().T + gate.fc2.bias.double()
     assert torch.equal(a, (logits > 0).float())
     assert 0 < a.mean() < 1

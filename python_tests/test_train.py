@@ -361,8 +361,10 @@ def test_synthetic_data_is_deterministic_and_class_dependent():
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope", "--synthetic"], "--model: unknown model 'nope'; choose from"),
-    (["--model", "resnet18", "--synthetic", "--num-experts", "4"], "--num-experts: model resnet18 does not take num_experts"),
-    (["--model", "resnet18", "--synthetic", "--width-mult", "0.5"], "--width-mult: model resnet18 does not take width_mult"),
+    (["--model", "resnet18", "--synthetic", "--num-experts", "4"],
+     "--num-experts: model resnet18 does not take num_experts"),
+    (["--model", "resnet18", "--synthetic", "--width-mult", "0.5"],
+     "--width-mult: model resnet18 does not take width_mult"),
     (["--model", "resnet18"], "one of --data DIR (CIFAR-10) or --synthetic is required"),
     (["--model", "resnet18", "--synthetic", "--data", "x"], "not allowed with argument"),
     (["--model", "resnet18", "--data", "/nonexistent"], "--data: no CIFAR-10 at /nonexistent/cifar-10-batches-py"),
@@ -370,12 +372,16 @@ def test_synthetic_data_is_deterministic_and_class_dependent():
     (["--model", "resnet18", "--synthetic", "--lr", "-1"], "--lr must be a non-negative number"),
     (["--model", "resnet18", "--synthetic", "--image-size", "4"], "--image-size must be >= 8"),
     (["--model", "resnet18", "--synthetic", "--milestones", "5,a"], "--milestones: expected comma-separated numbers"),
-    (["--model", "resnet18", "--synthetic", "--epochs", "10", "--milestones", "12"], "--milestones must lie in (0, --epochs=10]"),
+    (["--model", "resnet18", "--synthetic", "--epochs", "10", "--milestones", "12"],
+     "--milestones must lie in (0, --epochs=10]"),
     (["--model", "resnet18", "--synthetic", "--finetune-epochs", "2"], "--finetune-epochs: only DeepMoE networks"),
-    (["--model", "resnet18", "--synthetic", "--l0-start-epoch", "5", "--l0-full-epoch", "2"], "--l0-start-epoch (5.0) and --l0-full-epoch (2.0)"),
+    (["--model", "resnet18", "--synthetic", "--l0-start-epoch", "5", "--l0-full-epoch", "2"],
+     "--l0-start-epoch (5.0) and --l0-full-epoch (2.0)"),
     (["--model", "resnet18", "--synthetic", "--max-steps", "0"], "--max-steps must be >= 1"),
-    (["--model", "resnet18", "--synthetic", "--model-arg", "cond_begin=3"], "--model-arg: model resnet18 takes no keyword 'cond_begin'"),
-    (["--model", "cc_resnet50", "--synthetic", "--model-arg", "cond_begin"], "--model-arg: expected KEY=VALUE, got 'cond_begin'"),
+    (["--model", "resnet18", "--synthetic", "--model-arg", "cond_begin=3"],
+     "--model-arg: model resnet18 takes no keyword 'cond_begin'"),
+    (["--model", "cc_resnet50", "--synthetic", "--model-arg", "cond_begin"],
+     "--model-arg: expected KEY=VALUE, got 'cond_begin'"),
 ])
 def test_bad_flags_exit_with_a_message_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

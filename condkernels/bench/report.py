@@ -80,9 +80,9 @@ def generate(out: Path) -> Path:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in data["runs"]:
-        lines.append(f"| {m['date']} | {m['device']} | {m['device_name']} | {m['threads']} | {m['dtype']} | {m['mode']} "
-                     f"| {m['bandwidth_gb_s']} | {m['gemm_gmac_s']} | {m['load_average']} | {m['torch']} | {m['condkernels']} "
-                     f"| `{m.get('command', '')}` |")
+        cells = [m[k] for k in ("date", "device", "device_name", "threads", "dtype", "mode", "bandwidth_gb_s",
+                                "gemm_gmac_s", "load_average", "torch", "condkernels")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + f" | `{m.get('command', '')}` |")
     lines += ["", "A run on a busy machine (load average near or above its threads' count) is indicative only;",
               "the targets below are judged on whatever rows are present, as they are."]
     sections, targets = [], []
@@ -95,7 +95,8 @@ def generate(out: Path) -> Path:
             body, suite_targets = module.report(sel)
             targets += [(device, t) for t in suite_targets]
             prefix = f"{device}_"
-            figures = module.plots(sel, plt, figdir, prefix) + ratio_to_floor_plot(sel, plt, figdir, prefix + suite + "_", device)
+            figures = module.plots(sel, plt, figdir, prefix)
+            figures += ratio_to_floor_plot(sel, plt, figdir, prefix + suite + "_", device)
             sections += ["", f"## {TITLES[suite]} ({device})", "", *body]
             for title, name in figures:
                 sections += ["", f"![{title}]({FIGURES}/{name})"]

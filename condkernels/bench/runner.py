@@ -162,7 +162,10 @@ def format_case(rows: list[dict]) -> str:
     parts = []
     for r in rows:
         mark = "*" if is_ours(r["method"]) else ""
-        value = f"{r['time_ms']:.3g}" if r["time_ms"] is not None else ("skip" if r["note"].startswith("skipped") else "err")
+        if r["time_ms"] is not None:
+            value = f"{r['time_ms']:.3g}"
+        else:
+            value = "skip" if r["note"].startswith("skipped") else "err"
         bad = "!" if r["check"] not in ("", "ok") else ""
         parts.append(f"{mark}{r['method']}={value}{bad}")
     ratios = [r["vs_floor"] for r in rows if is_ours(r["method"]) and r["vs_floor"] is not None]

@@ -154,7 +154,8 @@ def _check_args(gates, alpha, beta, prior, reduction, prior_params):
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if prior == "beta":
         if prior_params is not None:
-            raise ValueError(f"{OP}: prior_params is for the gaussian and uniform priors; the beta prior takes alpha and beta")
+            raise ValueError(f"{OP}: prior_params is for the gaussian and uniform priors; "
+                             "the beta prior takes alpha and beta")
         return alpha, beta
     if prior == "gaussian" and prior_params is None:
         raise ValueError(f"{OP}: prior='gaussian' needs prior_params=(mean, std)")
@@ -230,7 +231,8 @@ def gather_batch(gates: Tensor, process_group) -> Tensor:
             "(call torch.distributed.init_process_group first, or pass process_group=None)"
         )
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}")
+        raise TypeError(f"{OP}: process_group must be a torch.distributed ProcessGroup, "
+                        f"got {type(process_group).__name__}")
     return _GatherBatch.apply(gates, process_group)
 
 

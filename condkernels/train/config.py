@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "training setup of its paper. Multi-process: torchrun --nproc-per-node N -m condkernels.train ...",
     )
     a = p.add_argument
-    a("--model", required=True, help="a builder of condkernels.models, e.g. cc_mobilenet_v1, resnet20_bas, deepmoe_resnet56")
+    a("--model", required=True,
+      help="a builder of condkernels.models, e.g. cc_mobilenet_v1, resnet20_bas, deepmoe_resnet56")
     a("--num-experts", type=int, help="experts per CondConv layer (builders that take num_experts)")
     a("--width-mult", type=float, help="width multiplier (builders that take width_mult)")
     a("--wide", action="store_true", help="DeepMoE: the wide variant (2x channels)")
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="any other keyword of the builder, e.g. cond_begin=13 or router_sharing=single (repeatable; "
            "values are read as Python literals, else kept as strings)")
     data = p.add_mutually_exclusive_group()
-    data.add_argument("--data", metavar="DIR", help="CIFAR-10 root (torchvision layout: DIR/cifar-10-batches-py), never downloaded")
+    data.add_argument("--data", metavar="DIR",
+                      help="CIFAR-10 root (torchvision layout: DIR/cifar-10-batches-py), never downloaded")
     data.add_argument("--synthetic", action="store_true", help="a small generated, learnable data set (no files)")
     a("--synthetic-size", type=int, default=512, help="generated training examples (test: half as many); default 512")
     a("--epochs", type=int, help="training epochs (default: the paper's, by model kind)")
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--l0-full-epoch", type=float, help="BAS: the L0 weight reaches --l0-gamma (default 60%% of --epochs)")
     # DeepMoE networks
     a("--moe-lambda", type=float, help="DeepMoE: gate L1 weight lambda (default: condkernels.nn.DeepMoELosses')")
-    a("--moe-mu", type=float, help="DeepMoE: embedding cross-entropy weight mu (default: condkernels.nn.DeepMoELosses')")
+    a("--moe-mu", type=float,
+      help="DeepMoE: embedding cross-entropy weight mu (default: condkernels.nn.DeepMoELosses')")
     a("--finetune-epochs", type=int, help="DeepMoE: final epochs with frozen gates (default 80/350 of --epochs)")
     # run control
     a("--out", default="runs/train", metavar="DIR", help="where checkpoint.pt, metrics.csv, steps.csv, metrics.png go")

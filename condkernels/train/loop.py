@@ -100,7 +100,8 @@ class Trainer:
         self.local_batch = args.batch_size // self.world
         self.steps_per_epoch = len(self.data.train) // args.batch_size
         if self.steps_per_epoch < 1:
-            raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(self.data.train)} training examples")
+            raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(self.data.train)} "
+                             "training examples")
         self.pad = 0 if args.no_augment else max(1, args.image_size // 8)
 
         # every rank builds the same initial model; the model's own noise (gates, dropout) differs per rank

@@ -72,8 +72,8 @@ def batch_shaping_loss_triton(gates: Tensor, prior: str, prior_a: float, prior_b
     params = torch.tensor([prior_a, prior_b, lbeta, scale, pdf_lo, pdf_hi, eps], dtype=torch.float64,
                           device=gates.device)
     _sorted_terms_kernel[(triton.cdiv(total, BLOCK),)](
-        values, order, grad_t, terms, params, n, total, PRIOR=PRIOR_CODES[prior], TOL=tolerance(gates.dtype), MAX=MAX_TERMS,
-        BLOCK=BLOCK,
+        values, order, grad_t, terms, params, n, total, PRIOR=PRIOR_CODES[prior], TOL=tolerance(gates.dtype),
+        MAX=MAX_TERMS, BLOCK=BLOCK,
     )
     loss = (terms.sum() * scale).to(gates.dtype)
     return loss, grad_t.t().contiguous().view(gates.shape)

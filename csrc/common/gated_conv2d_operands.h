@@ -116,7 +116,8 @@ struct GradInputOperands {
     return static_cast<Acc>(
         weight[(out_channel(k / t) * g.in_channels_per_group() + in_rows.index[m]) * t + k % t]);
   }
-  CK_INLINE Acc rhs(int64_t k, int64_t n) const {  // (out_gate * grad_out)[open out, the output pixel reading n via tap]
+  // (out_gate * grad_out)[open out, the output pixel reading n via tap]
+  CK_INLINE Acc rhs(int64_t k, int64_t n) const {
     if (k >= reduction() || n >= cols()) return Acc(0);
     const ReductionIndex r = split_reduction_index(k, g.kernel_h, g.kernel_w);
     const int64_t oh = output_reading(n / g.in_w, r.kh * g.dilation_h, g.stride_h, g.pad_h_begin, g.out_h);

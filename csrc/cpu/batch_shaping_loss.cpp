@@ -319,15 +319,17 @@ std::tuple<at::Tensor, at::Tensor> batch_shaping_loss_cpu(
       };
       cpu::for_each_claimed(
           (tiles + grain - 1) / grain,
-          [&] { return Buffers{std::vector<double>(n), std::vector<int32_t>(n), std::vector<scalar_t>(n * kTile), {}}; },
+          [&] {
+            return Buffers{std::vector<double>(n), std::vector<int32_t>(n), std::vector<scalar_t>(n * kTile), {}};
+          },
           [&](Buffers& buf, int64_t run) {
             for (int64_t t = run * grain; t < std::min(tiles, (run + 1) * grain); ++t) {
               const int64_t j0 = t * kTile, width = std::min(kTile, g - j0);
               buf.sorter.sort(x + j0, n, width, g);
               for (int64_t c = 0; c < width; ++c) {
                 buf.sorter.column(c, n, buf.sorted.data(), buf.order.data());
-                column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), buf.sorted.data(),
-                                                                buf.order.data(), 0, n, buf.tile_grad.data() + c, width);
+                column_loss[j0 + c] = evaluate_sorted<scalar_t>(args, table.get(), buf.sorted.data(), buf.order.data(),
+                                                                0, n, buf.tile_grad.data() + c, width);
               }
               for (int64_t i = 0; i < n; ++i) std::copy_n(buf.tile_grad.data() + i * width, width, grad + i * g + j0);
             }

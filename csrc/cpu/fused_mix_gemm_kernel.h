@@ -62,7 +62,8 @@ inline void stage_experts(const Problem& pb, int64_t c0, int64_t k0, int64_t kc,
           const float* src = pb.weight + e * expert_stride + c * K + k0 + kk;
           // A plain load where the row is whole: AVX2's masked load is much slower on some CPUs.
           rows[j] = c >= pb.out_channels ? Isa::zero() : width == W ? Isa::loadu(src) : Isa::load_first(src, width);
-          if (prefetch && c < pb.out_channels) _mm_prefetch(reinterpret_cast<const char*>(src + expert_stride), _MM_HINT_T0);
+          if (prefetch && c < pb.out_channels)
+            _mm_prefetch(reinterpret_cast<const char*>(src + expert_stride), _MM_HINT_T0);
         }
         Isa::transpose(rows);
         for (int k = 0; k < width; ++k) Isa::store(out + (kk + k) * kBlock + j0, rows[k]);

@@ -156,7 +156,8 @@ inline void dot_row_block(const float* a, int64_t a_ld, const float* w, int64_t 
     auto step = [&](int64_t c, int lanes) {
       typename Isa::Vec av[R];
 #pragma GCC unroll 5
-      for (int i = 0; i < R; ++i) av[i] = lanes == W ? Isa::loadu(a + i * a_ld + c) : Isa::load_first(a + i * a_ld + c, lanes);
+      for (int i = 0; i < R; ++i)
+        av[i] = lanes == W ? Isa::loadu(a + i * a_ld + c) : Isa::load_first(a + i * a_ld + c, lanes);
 #pragma GCC unroll 4
       for (int q = 0; q < Q; ++q) {
         const auto wv = lanes == W ? Isa::loadu(wr[q] + c) : Isa::load_first(wr[q] + c, lanes);

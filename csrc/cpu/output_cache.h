@@ -4,8 +4,9 @@
 // allocation and are returned to it on every free, so each training step pays the page faults of
 // writing them the first time. The buffers of such outputs are kept here when their tensor dies and
 // handed to the next request of the same size (with it, forward+backward of eight 3x3 512->512
-// experts @7x7 at batch 8 went from 86.5 to 66.6 ms in the full condconv grid, docs/benchmarks.md). Free buffers are bounded (CONDKERNELS_CPU_OUTPUT_CACHE_MB, default 1024; 0 turns
-// the cache off), the oldest going first; condkernels.empty_cpu_cache() releases them all.
+// experts @7x7 at batch 8 went from 86.5 to 66.6 ms in the full condconv grid, docs/benchmarks.md).
+// Free buffers are bounded (CONDKERNELS_CPU_OUTPUT_CACHE_MB, default 1024; 0 turns the cache off),
+// the oldest going first; condkernels.empty_cpu_cache() releases them all.
 #pragma once
 
 #include <ATen/ATen.h>

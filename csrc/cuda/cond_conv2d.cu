@@ -626,7 +626,8 @@ void pointwise_bmm(const at::Tensor& panels, const at::Tensor& in, at::Tensor& o
   auto in_view = gemm_view(in, in_t);
   if (!in_view) in_view = gemm_view(in.contiguous(), in_t);
   const auto out_view = gemm_view(out, out_t);
-  at::Tensor target = out_view ? *out_view : at::empty({out.size(0), out.size(1), out.size(2) * out.size(3)}, out.options());
+  at::Tensor target =
+      out_view ? *out_view : at::empty({out.size(0), out.size(1), out.size(2) * out.size(3)}, out.options());
   if (!out_view) out_t = false;
   const at::Tensor in_cp = in_t ? in_view->transpose(1, 2) : *in_view;  // (B, Cin, P)
   if (out_t) {
@@ -655,7 +656,8 @@ void launch_forward(const ConvGeometry& g, Path path, bool nhwc, const at::Tenso
     const size_t smem = depthwise_smem_bytes<acc_t>(g.kernel_h * g.kernel_w, ct);
     const int64_t pixels = g.out_h * g.out_w;
     auto run = [&](auto kernel, int64_t per_block) {
-      launch_grid(ceil_div(pixels, per_block), ceil_div(g.in_channels, ct), g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
+      const int64_t blocks_x = ceil_div(pixels, per_block), blocks_y = ceil_div(g.in_channels, ct);
+      launch_grid(blocks_x, blocks_y, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
         kernel<<<grid, kThreads, smem, stream>>>(x.data_ptr<scalar_t>(), strides_of(x), routing.data_ptr<scalar_t>(),
                                                  weight.data_ptr<scalar_t>(), bias_ptr, y.data_ptr<scalar_t>(),
                                                  strides_of(y), g, E, y0, z0);
@@ -699,7 +701,8 @@ void launch_forward(const ConvGeometry& g, Path path, bool nhwc, const at::Tenso
 at::Tensor cond_conv2d_cuda(const at::Tensor& x_in, const at::Tensor& routing_in, const at::Tensor& weight_in,
                             const std::optional<at::Tensor>& bias_in, c10::IntArrayRef stride,
                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
-  const ConvGeometry g = check_cond_conv2d_args(x_in, routing_in, weight_in, bias_in, stride, padding, dilation, groups);
+  const ConvGeometry g =
+      check_cond_conv2d_args(x_in, routing_in, weight_in, bias_in, stride, padding, dilation, groups);
   const c10::cuda::CUDAGuard guard(x_in.device());
   auto y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x_in.options().memory_format(output_format(x_in)));
   if (g.batch == 0 || y.numel() == 0) return y;
@@ -727,7 +730,8 @@ void launch_grad_input(const ConvGeometry& g, Path path, bool nhwc, const at::Te
     const size_t smem = depthwise_smem_bytes<acc_t>(g.kernel_h * g.kernel_w, ct);
     const int64_t pixels = g.in_h * g.in_w;
     auto run = [&](auto kernel, int64_t per_block) {
-      launch_grid(ceil_div(pixels, per_block), ceil_div(g.in_channels, ct), g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
+      const int64_t blocks_x = ceil_div(pixels, per_block), blocks_y = ceil_div(g.in_channels, ct);
+      launch_grid(blocks_x, blocks_y, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
         kernel<<<grid, kThreads, smem, stream>>>(grad_out.data_ptr<scalar_t>(), strides_of(grad_out),
                                                  routing.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                                  grad_x.data_ptr<scalar_t>(), strides_of(grad_x), g, E, y0, z0);
@@ -776,15 +780,18 @@ void launch_grad_weight(const ConvGeometry& g, Path path, bool nhwc, const at::T
     // dW_b is C * k * k numbers per example: keep them and reduce over the batch with two GEMMs.
     const int ct = depthwise_channels_per_block<acc_t>(g, nhwc);
     const int64_t taps = g.kernel_h * g.kernel_w;
-    at::Tensor per_example = at::zeros({g.batch, g.in_channels * taps}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor per_example =
+        at::zeros({g.batch, g.in_channels * taps}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const int64_t channel_tiles = ceil_div(g.in_channels, ct);
-    const int64_t slices = std::clamp<int64_t>(ceil_div(target_blocks, channel_tiles * g.batch), 1, ceil_div(pixels, 1024));
+    const int64_t slices =
+        std::clamp<int64_t>(ceil_div(target_blocks, channel_tiles * g.batch), 1, ceil_div(pixels, 1024));
     const int64_t per_slice = ceil_div(pixels, slices);
     acc_t* per_example_ptr = per_example.data_ptr<acc_t>();
     auto run = [&](auto kernel) {
       launch_grid(ceil_div(pixels, per_slice), channel_tiles, g.batch, [&](dim3 grid, int64_t y0, int64_t z0) {
-        kernel<<<grid, kThreads, 0, stream>>>(grad_out.data_ptr<scalar_t>(), strides_of(grad_out), x.data_ptr<scalar_t>(),
-                                              strides_of(x), per_example_ptr, g, per_slice, y0, z0);
+        kernel<<<grid, kThreads, 0, stream>>>(grad_out.data_ptr<scalar_t>(), strides_of(grad_out),
+                                              x.data_ptr<scalar_t>(), strides_of(x), per_example_ptr, g, per_slice,
+                                              y0, z0);
       });
     };
     if (ct == 32) run(depthwise_grad_weight_kernel<scalar_t, acc_t, 32>);
@@ -798,7 +805,8 @@ void launch_grad_weight(const ConvGeometry& g, Path path, bool nhwc, const at::T
   const int64_t columns = g.in_channels_per_group() * g.kernel_h * g.kernel_w;
   const int64_t col_tiles = ceil_div(columns, kTileN);
   const int64_t row_tiles = g.groups * ceil_div(g.out_channels_per_group(), kTileM);
-  int64_t slices = std::clamp<int64_t>(ceil_div(target_blocks, col_tiles * row_tiles * g.batch), 1, ceil_div(pixels, 256));
+  int64_t slices =
+      std::clamp<int64_t>(ceil_div(target_blocks, col_tiles * row_tiles * g.batch), 1, ceil_div(pixels, 256));
   const int64_t per_slice = ceil_div(ceil_div(pixels, slices), kTileK) * kTileK;
   slices = ceil_div(pixels, per_slice);
   acc_t* gw = grad_weight_acc.defined() ? grad_weight_acc.data_ptr<acc_t>() : nullptr;

@@ -110,7 +110,8 @@ int main() {
                   const int64_t c = (co / cout_g) * cin_g + ci;
                   y_ref[ys.offset(b, co, oh, ow)] += W(co, ci, kh, kw) * x[xs.offset(b, c, ih, iw)];
                   dx_ref[xs.offset(b, c, ih, iw)] += W(co, ci, kh, kw) * dy[ys.offset(b, co, oh, ow)];
-                  dw_ref[((co * cin_g + ci) * KH + kh) * KW + kw] += dy[ys.offset(b, co, oh, ow)] * x[xs.offset(b, c, ih, iw)];
+                  dw_ref[((co * cin_g + ci) * KH + kh) * KW + kw] +=
+                      dy[ys.offset(b, co, oh, ow)] * x[xs.offset(b, c, ih, iw)];
                 }
 
     const int64_t tile = pick(1, 4);  // row tile, small so that groups hold several ragged tiles

@@ -115,7 +115,8 @@ void run(const Config& cfg, std::mt19937& rng) {
   const double* og_p = cfg.out_gate ? og.data() : nullptr;
   // x in NCHW or channels_last (NHWC) memory; the outputs in the same format, grad_out in NCHW.
   const Strides4 sx = cfg.channels_last ? Strides4{H * W * Ci, 1, W * Ci, Ci} : Strides4{Ci * H * W, H * W, W, 1};
-  const Strides4 sy = cfg.channels_last ? Strides4{OH * OW * Co, 1, OW * Co, Co} : Strides4{Co * OH * OW, OH * OW, OW, 1};
+  const Strides4 sy =
+      cfg.channels_last ? Strides4{OH * OW * Co, 1, OW * Co, Co} : Strides4{Co * OH * OW, OH * OW, OW, 1};
   const Strides4 sgo{Co * OH * OW, OH * OW, OW, 1};
   auto X = [&](int64_t b, int64_t c, int64_t ih, int64_t iw) { return x[b * sx.b + c * sx.c + ih * sx.h + iw * sx.w]; };
   auto IG = [&](int64_t b, int64_t c) { return ig_p ? ig_p[b * Ci + c] : 1.0; };
@@ -167,7 +168,8 @@ void run(const Config& cfg, std::mt19937& rng) {
             double acc = 0;
             if (m / kTileM * kTileM < ops.rows())
               for (int64_t k = 0; k < round_up(ops.reduction(), kTileK); ++k) acc += ops.lhs(m, k) * ops.rhs(k, n);
-            if (m < cout_g && n < ops.cols()) ops.store(m, n, acc, bias.data(), og_p, y.data(), with_ungated ? u.data() : nullptr, sy);
+            if (m < cout_g && n < ops.cols())
+              ops.store(m, n, acc, bias.data(), og_p, y.data(), with_ungated ? u.data() : nullptr, sy);
           }
       }
     for (int64_t b = 0; b < B; ++b)
@@ -187,9 +189,10 @@ void run(const Config& cfg, std::mt19937& rng) {
     std::vector<double> gx(B * Ci * H * W, std::nan("")), gg(B * Ci * H * W, std::nan(""));
     for (int64_t b = 0; b < B; ++b)
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const GradInputOperands<double, double> ops{g, weight.data(), grad_out.data(), sgo, og_p, b, grp,
-                                                    group_list(rl.data(), rc.data(), b, grp, Ci, g.groups),
-                                                    group_list(out_list.data(), out_count.data(), b, grp, Co, g.groups)};
+        const GradInputOperands<double, double> ops{
+            g, weight.data(), grad_out.data(), sgo, og_p, b, grp,
+            group_list(rl.data(), rc.data(), b, grp, Ci, g.groups),
+            group_list(out_list.data(), out_count.data(), b, grp, Co, g.groups)};
         for (int64_t m = 0; m < round_up(cin_g, kTileM); ++m)
           for (int64_t n = 0; n < round_up(ops.cols(), kTileN); ++n) {
             double acc = 0;
