@@ -276,6 +276,12 @@ BAD_INPUTS = [
     ("groups must be a positive int", lambda x, r, w, b: dict(groups=True)),
     ("stride must be an int or a pair", lambda x, r, w, b: dict(stride=(True, 1))),
     ("padding must be an int or a pair", lambda x, r, w, b: dict(padding=True)),
+    # empty channels or kernels: the kernels' block arithmetic would divide by zero
+    ("weight must have at least one output channel",
+     lambda x, r, w, b: dict(weight=torch.randn(3, 0, 4, 3, 3, dtype=w.dtype), bias=None)),
+    ("x must have at least one channel",
+     lambda x, r, w, b: dict(x=x[:, :0], weight=torch.randn(3, 6, 0, 3, 3, dtype=w.dtype))),
+    ("weight's kernel must be at least 1x1", lambda x, r, w, b: dict(weight=torch.randn(3, 6, 4, 0, 3, dtype=w.dtype))),
 ]
 
 
@@ -297,12 +303,19 @@ def test_bad_input_names_the_argument(message, change):
         ("larger than the padded input", lambda x, r, w, b: (x, r, w, b, [1, 1], [0, 0, 0, 0], [4, 4], 1)),
         ("stride must be positive", lambda x, r, w, b: (x, r, w, b, [0, 1], [1, 1, 1, 1], [1, 1], 1)),
         ("padding must be non-negative", lambda x, r, w, b: (x, r, w, b, [1, 1], [1, -1, 1, 1], [1, 1], 1)),
+        ("weight must have at least one output channel",
+         lambda x, r, w, b: (x, r, w[:, :0], None, [1, 1], [1, 1, 1, 1], [1, 1], 1)),
+        ("x must have at least one channel",
+         lambda x, r, w, b: (x[:, :0], r, w[:, :, :0], b, [1, 1], [1, 1, 1, 1], [1, 1], 1)),
+        ("kernel must be at least 1x1", lambda x, r, w, b: (x, r, w[:, :, :, :0], b, [1, 1], [1, 1, 1, 1], [1, 1], 1)),
+        ("the CPU kernels take float32, float64 and bfloat16",
+         lambda x, r, w, b: (x.half(), r.half(), w.half(), b.half(), [1, 1], [1, 1, 1, 1], [1, 1], 1)),
     ],
 )
 def test_compiled_op_checks_its_arguments_too(message, args):
     """torch.ops.condkernels.cond_conv2d called directly must not crash on bad input either."""
     x, r, w, b = make_inputs(2, 4, 6, 3, 3, (6, 6), 1, True)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises((RuntimeError, TypeError), match=message):  # TypeError: a dtype the device lacks
         torch.ops.condkernels.cond_conv2d(*args(x, r, w, b))
 
 

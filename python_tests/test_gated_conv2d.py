@@ -597,6 +597,8 @@ BAD_INPUTS = [
     ("in_channels \\(4\\) is not divisible by groups \\(3\\)", lambda x, w, b, ig, og: dict(groups=3)),
     ("larger than the padded input",
      lambda x, w, b, ig, og: dict(weight=torch.randn(6, 4, 9, 9, dtype=w.dtype), padding=0)),
+    ("weight's kernel must be at least 1x1",
+     lambda x, w, b, ig, og: dict(weight=torch.randn(6, 4, 3, 0, dtype=w.dtype))),
     ("stride must be positive", lambda x, w, b, ig, og: dict(stride=0)),
     ("padding must be non-negative", lambda x, w, b, ig, og: dict(padding=-1)),
     ("backend must be one of", lambda x, w, b, ig, og: dict(backend="mkl")),
@@ -632,6 +634,7 @@ def test_bad_input_names_the_argument(message, change):
         ("out_gate has dtype", lambda x, w, b, ig, og: (x, w, b, ig, og.float())),
         ("bias must have shape", lambda x, w, b, ig, og: (x, w, b[:1], ig, og)),
         ("weight must be 4-D", lambda x, w, b, ig, og: (x, w[0], b, ig, og)),
+        ("kernel must be at least 1x1", lambda x, w, b, ig, og: (x, w[:, :, :0], b, ig, og)),
     ],
 )
 def test_compiled_op_checks_its_arguments_too(op, message, args):

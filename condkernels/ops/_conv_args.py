@@ -43,6 +43,8 @@ def normalize_conv_args(
     dilation: IntOrPair,
 ) -> tuple[list[int], list[int], list[int]]:
     """Returns ``stride (2), padding (h_begin, h_end, w_begin, w_end), dilation (2)`` for the kernels."""
+    if kernel_hw[0] <= 0 or kernel_hw[1] <= 0:
+        raise ValueError(f"{op}: weight's kernel must be at least 1x1, got {kernel_hw[0]}x{kernel_hw[1]}")
     stride2 = pair(stride, f"{op}: stride")
     dilation2 = pair(dilation, f"{op}: dilation")
     if any(s <= 0 for s in stride2):

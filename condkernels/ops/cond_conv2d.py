@@ -150,6 +150,10 @@ def check_args(x: Tensor, routing: Tensor, weight: Tensor, bias: Optional[Tensor
         raise ValueError(f"{OP}: routing has {routing.shape[1]} experts but weight has {experts}")
     if experts == 0:
         raise ValueError(f"{OP}: weight must hold at least one expert")
+    if cout == 0:
+        raise ValueError(f"{OP}: weight must have at least one output channel, got shape {tuple(weight.shape)}")
+    if cin == 0:
+        raise ValueError(f"{OP}: x must have at least one channel, got shape {tuple(x.shape)}")
     if cin % groups:
         raise ValueError(f"{OP}: in_channels ({cin}) is not divisible by groups ({groups})")
     if cout % groups:

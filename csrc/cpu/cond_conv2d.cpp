@@ -64,6 +64,14 @@ at::Tensor as_example_matrices(const at::Tensor& t, bool channels_last) {
   return channels_last ? t.permute({0, 2, 3, 1}).view({B, HW, C}) : t.view({B, C, HW});
 }
 
+// The CPU kernels' dtypes: float16 runs on CUDA only.
+void check_cpu_dtype(const at::Tensor& x) {
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kBFloat16,
+                   "cond_conv2d: the CPU kernels take float32, float64 and bfloat16 (float16 runs on CUDA), "
+                   "got x of ", t);
+}
+
 // --- tiling of the mix + GEMM path ----------------------------------------------------------------
 
 enum class TilingPolicy { Auto, Whole, Tiled };
@@ -588,6 +596,7 @@ at::Tensor cond_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& routing_in,
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const ConvGeometry g = check_cond_conv2d_args(x_in, routing_in, weight_in, bias_in, stride, padding,
                                                 dilation, groups);
+  check_cpu_dtype(x_in);
   const bool channels_last = use_channels_last(x_in);
   if (g.batch == 0)
     return at::empty({0, g.out_channels, g.out_h, g.out_w}, x_in.options().memory_format(format_of(channels_last)));
@@ -614,6 +623,7 @@ Grads cond_conv2d_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
               ", ", g.out_w, "), got ", grad_out_in.sizes());
   TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), "cond_conv2d backward: grad_out has dtype ",
               grad_out_in.scalar_type(), " but x has ", x_in.scalar_type());
+  check_cpu_dtype(x_in);
   std::array<bool, 4> mask = output_mask;
   mask[3] = mask[3] && bias_in.has_value();
   auto empty = [&] { return x_in.new_empty({0}); };

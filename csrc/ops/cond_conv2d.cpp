@@ -24,6 +24,10 @@ ConvGeometry check_cond_conv2d_args(const at::Tensor& x, const at::Tensor& routi
   check_like_x(op, weight, "weight", x);
   const int64_t experts = weight.size(0);
   TORCH_CHECK(experts > 0, "cond_conv2d: weight must have at least one expert");
+  // An empty reduction or output would reach the kernels' block arithmetic (a division by zero).
+  TORCH_CHECK(g.out_channels > 0, "cond_conv2d: weight must have at least one output channel, got shape ",
+              weight.sizes());
+  TORCH_CHECK(g.in_channels > 0, "cond_conv2d: x must have at least one channel, got shape ", x.sizes());
   TORCH_CHECK(routing.size(0) == g.batch, "cond_conv2d: routing has ", routing.size(0),
               " rows but x has batch size ", g.batch);
   TORCH_CHECK(routing.size(1) == experts, "cond_conv2d: routing has ", routing.size(1),

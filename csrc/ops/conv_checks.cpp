@@ -23,6 +23,8 @@ ConvGeometry check_conv_geometry(const char* op, const at::Tensor& x, int64_t ou
               ": padding must have 4 values (h_begin, h_end, w_begin, w_end)");
   TORCH_CHECK(dilation.size() == 2, op, ": dilation must have 2 values");
   TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
+  TORCH_CHECK(kernel_h > 0 && kernel_w > 0, op, ": weight's kernel must be at least 1x1, got ", kernel_h, "x",
+              kernel_w);
 
   ConvGeometry g{};
   g.batch = x.size(0);
