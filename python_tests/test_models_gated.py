@@ -417,6 +417,8 @@ def test_bad_input_errors():
         ChannelGate(8, 4)(torch.randn(2, 6, 3, 3))
     with pytest.raises(ValueError, match="gated_channels"):
         ChannelGate(8, 0)
+    with pytest.raises(ValueError, match="GatedConv2d: kernel_size must be positive"):
+        GatedConv2d(4, 8, (3, 0))
     with pytest.raises(ValueError, match="tau"):
         ChannelGate(8, 4, tau=0.0)
     with pytest.raises(ValueError, match="density"):

@@ -93,6 +93,10 @@ def test_condconv2d_without_router_needs_routing():
     (dict(padding="full"), "padding must be"),
     (dict(groups=2, in_channels=3), "groups"),
     (dict(num_experts=0), "num_experts must be positive"),
+    (dict(kernel_size=0), "kernel_size must be positive"),
+    (dict(stride=(1, 0)), "stride must be positive"),
+    (dict(dilation=-1), "dilation must be positive"),
+    (dict(padding=-2), "padding must be non-negative"),
 ])
 def test_condconv2d_bad_arguments(kwargs, message):
     args = dict(in_channels=4, out_channels=4, kernel_size=3)

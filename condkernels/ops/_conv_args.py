@@ -118,12 +118,18 @@ def conv_module_args(module: str, in_channels: int, out_channels: int, kernel_si
         )
     if isinstance(padding, str) and padding not in ("same", "valid"):
         raise ValueError(f"{module}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
-    return dict(
+    geometry = dict(
         kernel_size=tuple(pair(kernel_size, f"{module}: kernel_size")),
         stride=tuple(pair(stride, f"{module}: stride")),
         padding=padding if isinstance(padding, str) else tuple(pair(padding, f"{module}: padding")),
         dilation=tuple(pair(dilation, f"{module}: dilation")),
     )
+    for name in ("kernel_size", "stride", "dilation"):
+        if min(geometry[name]) <= 0:
+            raise ValueError(f"{module}: {name} must be positive, got {geometry[name]}")
+    if not isinstance(padding, str) and min(geometry["padding"]) < 0:
+        raise ValueError(f"{module}: padding must be non-negative, got {geometry['padding']}")
+    return geometry
 
 
 def conv_module_repr(module, extra: str = "") -> str:
