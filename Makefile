@@ -38,8 +38,9 @@ bench: build
 # On a CUDA machine whose Python already holds a CUDA build of torch (GPU_PYTHON; no virtual
 # environment, nothing downloaded): build in place with the CUDA kernels for the visible GPU, run the
 # tests that use it (the CUDA backend and Triton compiled for the GPU), time every suite on it.
-# gpu-bench merges its rows into a copy of docs' results in GPU_OUT (results/benchmarks.json and the
-# report beside it); copy that JSON over docs/results/ and rebuild with --report-only.
+# gpu-bench merges its rows, after every case, into a copy of docs' results in GPU_OUT
+# (results/benchmarks.json and the report beside it; a run cut short keeps the cases it finished);
+# copy that JSON over docs/results/ and rebuild with --report-only.
 GPU_PYTHON ?= python3
 GPU_OUT ?= gpu-results
 GPU_BENCH_ARGS ?=
