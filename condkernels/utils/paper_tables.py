@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import textwrap
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -134,7 +135,9 @@ def render_markdown(counted: list[Counted]) -> str:
             f"| {r.table} | {r.model} | {r.params_m:g} | {c.params_m:.2f} | {_pct(c.params_dev)} | "
             f"{r.madds_m:g} | {c.madds_m:.1f} | {_pct(c.madds_dev)} | {verdict} |"
         )
-    lines += ["", *_notes(counted), ""]
+    # Notes wrapped at 100 columns, continuation lines indented under their bullet.
+    notes = [textwrap.fill(n, 100, subsequent_indent="  ", break_on_hyphens=False) for n in _notes(counted)]
+    lines += ["", *notes, ""]
     return "\n".join(lines)
 
 
