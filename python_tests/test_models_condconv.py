@@ -231,6 +231,17 @@ def test_counts_match_the_condconv_paper(name, build, params_m, madds_m, params_
     assert abs(madds / madds_m - 1) <= 0.03, (madds, madds_m)
 
 
+def test_docs_paper_tables_is_what_the_generator_writes():
+    """docs/paper_tables.md is generated (`python -m condkernels.utils.paper_tables`): a change of a
+    builder or of the counting that is not regenerated shows here."""
+    from pathlib import Path
+
+    from condkernels.utils import paper_tables
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "paper_tables.md").read_text(encoding="utf-8")
+    assert paper_tables.render_markdown(paper_tables.count_rows()) == committed
+
+
 def test_kernel_mixing_costs_one_madd_per_expert_parameter():
     """Going from E to 2E experts adds exactly E x (CondConv parameters of one expert) MADDs, plus
     the routers' E more outputs."""
