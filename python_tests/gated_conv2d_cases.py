@@ -120,10 +120,16 @@ def check_forward_and_every_gradient(forward_op, with_ungated_op, backward_op, c
     if inputs[4] is not None:
         closed = (inputs[4] == 0)[:, :, None, None].expand_as(y)
         assert (y[closed] == 0).all()
+    check_backward_op(backward_op, grad_out, inputs, ungated, args, grads_ref, lambda a, e: close(a, e, dtype))
+
+
+def check_backward_op(backward_op, grad_out, inputs, ungated, args, grads_ref, close_to):
+    """The backward op's five gradients, with and without the saved ungated output, against the
+    oracle's (`close_to(got, expected)` is the caller's comparison); empty where an input is None."""
     for saved in (None, ungated):
         grads = backward_op(grad_out, *inputs, saved, *args, [True] * 5)
         for got, expected in zip(grads, grads_ref):
             if expected is None:
                 assert got.numel() == 0
             else:
-                close(got, expected, dtype)
+                close_to(got, expected)
